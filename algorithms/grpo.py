@@ -1,0 +1,190 @@
+"""Group Relative Policy Optimization and the variants that are GRPO settings.
+
+GRPO, DeepSeekMath, arXiv:2402.03300; GSPO, arXiv:2507.18071; Dr. GRPO, arXiv:2503.20783;
+DAPO, arXiv:2503.14476 (its sampling-side parts are in `dapo.py`).
+Reference numerics: TRL 1.16 `GRPOTrainer` (`_generate_and_score_completions` for the
+advantages, `_compute_loss` for the loss).
+
+Advantages, for G completions per prompt with rewards r (NaN = unscorable, every reward function
+returned None: left out of the statistics, advantage 0):
+
+    A_i = (r_i − mean_group(r)) / (std(r) + 1e-4)
+    std over the group (scale_rewards="group"), over the batch ("batch"), or no division
+    ("none", Dr. GRPO). std is unbiased (ddof=1), as TRL's `nanstd`.
+
+Per-token loss, with ρ the importance ratio against the sampling policy π_old:
+
+    token level (GRPO):     log ρ_{i,t} = logπ_θ(y_{i,t}) − logπ_old(y_{i,t})
+    sequence level (GSPO):  log ρ_i = Σ_t m_{i,t} (logπ_θ − logπ_old) / Σ_t m_{i,t}
+    ℓ_{i,t} = −min(ρ·A_i, clip(ρ, 1 − ε_low, 1 + ε_high)·A_i) + β·KL_{i,t}
+    KL_{i,t} = e^{logπ_ref − logπ_θ} − (logπ_ref − logπ_θ) − 1          (k3 estimator)
+    (with `delta`, INTELLECT-2's two-sided clip, ρ in the first term is also capped at delta)
+
+Aggregation (loss_type), m the completion mask, B completions in the micro-batch:
+
+    grpo      mean_i ( Σ_t m·ℓ / Σ_t m )                 per-sequence mean, then batch mean
+    bnpo      Σ m·ℓ / Σ m                               token mean over the micro-batch
+    dr_grpo   Σ m·ℓ / (B · max_completion_length)        constant normalizer
+    dapo      Σ m·ℓ / num_items_in_batch                 token mean over the whole accumulated
+                                                         batch (Σ m of the micro-batch if not given)
+
+The loss is per micro-batch. Gradient accumulation over k micro-batches: TRL divides the grpo,
+bnpo and dr_grpo losses by k; dapo instead needs num_items_in_batch = the completion tokens of
+all k micro-batches (and no division by k).
+"""
+
+from __future__ import annotations
+
+from . import ops
+from .masked import as_mask, masked_mean, token_count
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+# Config-field settings (TRL GRPOConfig names) that each paper recommends. DAPO's dynamic
+# sampling and overlong punishment are not GRPOConfig fields: see `dapo.py`.
+PRESETS = {
+    # DeepSeekMath §4.1.3/§4.2: per-sequence mean, group-std advantages, ε=0.2, KL β=0.04.
+    "grpo": {"loss_type": "grpo", "scale_rewards": "group", "epsilon": 0.2, "epsilon_high": 0.2,
+             "beta": 0.04, "importance_sampling_level": "token", "mask_truncated_completions": False},
+    # GSPO v2 §5.1: sequence-level ratio, clip range (3e-4, 4e-4), no KL term.
+    "gspo": {"loss_type": "grpo", "scale_rewards": "group", "epsilon": 3e-4, "epsilon_high": 4e-4,
+             "beta": 0.0, "importance_sampling_level": "sequence", "mask_truncated_completions": False},
+    # Dr. GRPO §3.2: no std division, constant (max_completion_length) normalizer, no KL term.
+    "dr_grpo": {"loss_type": "dr_grpo", "scale_rewards": "none", "epsilon": 0.2, "epsilon_high": 0.2,
+                "beta": 0.0, "importance_sampling_level": "token", "mask_truncated_completions": False},
+    # DAPO §3: clip-higher (0.2, 0.28), token-level loss, no KL, truncated samples masked.
+    "dapo": {"loss_type": "dapo", "scale_rewards": "group", "epsilon": 0.2, "epsilon_high": 0.28,
+             "beta": 0.0, "importance_sampling_level": "token", "mask_truncated_completions": True},
+}
+
+_STD_EPS = 1e-4
+
+
+def grpo_advantages(rewards, num_generations, *, scale_rewards="group"):
+    """(advantages (B,), metrics) from rewards (B,) laid out as consecutive groups of G.
+
+    scale_rewards: "group" (or True), "batch", "none" (or False). NaN rewards are unscorable.
+    """
+    scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    rewards = ops.to_float(rewards)
+    grouped = rewards.reshape(-1, num_generations)
+    group_mean = ops.nanmean(grouped, axis=1, keepdims=True)
+    if scale == "batch":
+        std = ops.nanstd(rewards) if rewards.shape[0] > 1 else ops.zeros_like(rewards[0])
+        std_per_row = std * ops.ones_like(rewards)
+    else:
+        group_std = (ops.nanstd(grouped, axis=1, keepdims=True) if num_generations > 1
+                     else ops.zeros_like(group_mean))
+        std_per_row = (group_std * ops.ones_like(grouped)).reshape(-1)
+    advantages = (grouped - group_mean).reshape(-1)
+    if scale != "none":
+        advantages = advantages / (std_per_row + _STD_EPS)
+    advantages = ops.nan_to_zero(advantages)
+
+    metrics = {
+        "reward": ops.nanmean(rewards),
+        "reward_std": ops.nanstd(rewards),
+        # torch.isclose(std, 0) with its default atol, as TRL logs it
+        "frac_reward_zero_std": ops.mean(ops.cast_like(ops.abs(std_per_row) <= 1e-8, rewards)),
+    }
+    return advantages, metrics
+
+
+def grpo_loss(logps, old_logps, advantages, mask, *, ref_logps=None, beta=0.0, epsilon=0.2,
+              epsilon_high=None, loss_type="dapo", importance_sampling_level="token",
+              max_completion_length=None, num_items_in_batch=None, delta=None):
+    """(loss, metrics) of the clipped surrogate on per-token log-probs (B, T).
+
+    old_logps: log-probs under the sampling policy, or None when training is on-policy
+    (then ρ = 1 with the gradient of logπ_θ). advantages: (B,) or (B, T). ref_logps is needed
+    when beta != 0. max_completion_length is needed for loss_type="dr_grpo".
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    epsilon_low = epsilon
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    m = as_mask(mask, logps)
+    if old_logps is None:
+        old_logps = ops.stop_gradient(logps)
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "token":
+        log_weights = log_ratio
+    elif importance_sampling_level == "sequence":
+        log_weights = (ops.sum(log_ratio * m, axis=-1) / token_count(m, logps, axis=-1))[:, None]
+    else:
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', "
+                         f"got {importance_sampling_level!r}")
+    ratio = ops.exp(log_weights)
+    clipped_ratio = ops.clip(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    unclipped_ratio = ratio if delta is None else ops.clip(ratio, None, delta)
+    per_token_loss = -ops.minimum(unclipped_ratio * advantages, clipped_ratio * advantages)
+
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta != 0 needs ref_logps")
+        ref_log_ratio = ref_logps - logps
+        per_token_kl = ops.exp(ref_log_ratio) - ref_log_ratio - 1
+        per_token_loss = per_token_loss + beta * per_token_kl
+
+    loss = aggregate_token_losses(per_token_loss, m, loss_type,
+                                  max_completion_length=max_completion_length,
+                                  num_items_in_batch=num_items_in_batch)
+
+    metrics = {}
+    if beta != 0.0:
+        metrics["kl"] = _masked_mean_any(ops.stop_gradient(per_token_kl), m)
+    ratio_value = ops.stop_gradient(ratio)
+    low = ops.cast_like((ratio_value < 1 - epsilon_low) & (advantages < 0), logps)
+    high = ops.cast_like((ratio_value > 1 + epsilon_high) & (advantages > 0), logps)
+    region = ops.cast_like((low + high) > 0, logps)
+    metrics["clip_ratio/low_mean"] = _masked_mean_any(low, m)
+    metrics["clip_ratio/high_mean"] = _masked_mean_any(high, m)
+    metrics["clip_ratio/region_mean"] = _masked_mean_any(region, m)
+    metrics["clip_ratio/low_min"] = ops.min(_per_sequence_mean(low, m))
+    metrics["clip_ratio/high_max"] = ops.max(_per_sequence_mean(high, m))
+    return loss, metrics
+
+
+def aggregate_token_losses(per_token_loss, mask, loss_type, *, max_completion_length=None,
+                           num_items_in_batch=None):
+    """Scalar loss from per-token losses (B, T) (or (B, 1), broadcast) under the GRPO loss_type."""
+    m = as_mask(mask, per_token_loss)
+    masked = per_token_loss * m
+    if loss_type == "grpo":
+        return ops.mean(ops.sum(masked, axis=-1) / token_count(m, masked, axis=-1))
+    if loss_type == "bnpo":
+        return ops.sum(masked) / token_count(m, masked)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+        return ops.sum(masked) / (masked.shape[0] * max_completion_length)
+    if loss_type == "dapo":
+        if num_items_in_batch is None:
+            return ops.sum(masked) / token_count(m, masked)
+        if isinstance(num_items_in_batch, (int, float)):
+            return ops.sum(masked) / max(float(num_items_in_batch), 1.0)
+        return ops.sum(masked) / ops.clip(ops.cast_like(num_items_in_batch, masked), 1.0, None)
+    raise ValueError(f"unknown GRPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _masked_mean_any(x, m):
+    """Masked mean over the batch; a (B, 1) sequence-level value counts once per sequence."""
+    if x.shape[-1] == 1 and m.shape[-1] != 1:
+        return ops.mean(x)
+    return masked_mean(x, m)
+
+
+def _per_sequence_mean(x, m):
+    if x.shape[-1] == 1 and m.shape[-1] != 1:
+        return x[:, 0]
+    return ops.sum(x * m, axis=-1) / ops.sum(m, axis=-1)
+
+

@@ -1,0 +1,201 @@
+"""``macft bench``: throughput and memory of a training step, measured the same way every time.
+
+``macft bench sft`` trains LoRA on fixed-length samples and prints tokens/s, peak memory, the
+loss trajectory and the gradient norm of the trained parameters (a zero norm voids the figure:
+nothing trained). ``--peer-python`` also runs mlx-lm-lora's SFT on the same model, data and
+settings in the same invocation, for a ratio measured side by side.
+"""
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure training throughput and memory.")
+
+_FILLER = ("The quick brown fox jumps over the lazy dog while the committee reviews the quarterly report. "
+           "Rivers carve valleys over thousands of years, and every season leaves a layer of silt behind. ")
+
+
+def bench_texts(tokenizer, num_rows: int, seq_len: int) -> list[str]:
+    """Texts of at least ``seq_len`` tokens (both trainers then truncate to exactly seq_len)."""
+    base = _FILLER * (1 + seq_len // max(1, len(tokenizer.encode(_FILLER))))
+    return [f"Sample {i}. {base}" for i in range(num_rows)]
+
+
+@bench_app.command("sft")
+def bench_sft(
+    model: str = typer.Option(None, "--model", help="Model (default: the embedded SmolLM2-135M-Instruct)."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    seq_len: int = typer.Option(128, "--seq-len", help="Tokens per sample."),
+    steps: int = typer.Option(10, "--steps", help="Measured optimizer steps."),
+    warmup: int = typer.Option(2, "--warmup", help="Unmeasured steps first."),
+    lora_rank: int = typer.Option(8, "--lora-rank"),
+    num_layers: int = typer.Option(-1, "--num-layers"),
+    load_in_4bit: bool = typer.Option(False, "--load-in-4bit"),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint"),
+    backend: str = typer.Option(None, "--backend", help="mlx or cuda (default: this machine's)."),
+    peer_python: str = typer.Option(None, "--peer-python", help="A Python with mlx-lm-lora installed: run it too."),
+    json_out: str = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+):
+    """LoRA SFT step throughput (tokens/s) and peak memory."""
+    if backend:
+        os.environ["MACFT_BACKEND"] = backend
+    from macft.backend import current
+
+    results = {"settings": {"model": model or "SmolLM2-135M-Instruct (embedded)", "batch_size": batch_size,
+                            "seq_len": seq_len, "steps": steps, "warmup": warmup, "lora_rank": lora_rank,
+                            "num_layers": num_layers, "load_in_4bit": load_in_4bit,
+                            "grad_checkpoint": grad_checkpoint, "backend": current()}}
+    with tempfile.TemporaryDirectory(prefix="macft-bench-") as tmp:
+        tmp = Path(tmp)
+        ours = run_macft_sft(model, tmp, batch_size, seq_len, steps, warmup, lora_rank, num_layers, load_in_4bit,
+                             grad_checkpoint)
+        results["macft"] = ours
+        _print_result("macft", ours)
+        if peer_python:
+            peer = run_mlx_lm_lora_sft(peer_python, ours["model_path"], tmp / "data", tmp / "peer", batch_size,
+                                       seq_len, steps + warmup, lora_rank, num_layers, load_in_4bit, grad_checkpoint)
+            results["mlx_lm_lora"] = peer
+            _print_result("mlx-lm-lora", peer)
+            if peer.get("tokens_per_sec"):
+                ratio = ours["tokens_per_sec"] / peer["tokens_per_sec"]
+                results["ratio_tokens_per_sec"] = ratio
+                typer.echo(f"ratio macft / mlx-lm-lora tokens/s: {ratio:.2f}x")
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2))
+
+
+def run_macft_sft(model_name, workdir: Path, batch_size, seq_len, steps, warmup, lora_rank, num_layers, load_in_4bit,
+                  grad_checkpoint) -> dict:
+    from macft import FastLanguageModel, SFTConfig, SFTTrainer
+
+    llm, tokenizer = FastLanguageModel.from_pretrained(model_name, max_seq_length=seq_len, load_in_4bit=load_in_4bit)
+    FastLanguageModel.get_peft_model(llm, r=lora_rank, lora_alpha=2 * lora_rank, num_layers=num_layers,
+                                     use_gradient_checkpointing=grad_checkpoint)
+    total_steps = steps + warmup
+    rows = [{"text": t} for t in bench_texts(tokenizer, batch_size * total_steps, seq_len)]
+    data_dir = workdir / "data"
+    data_dir.mkdir()
+    for split, split_rows in (("train", rows), ("valid", rows[:batch_size])):
+        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    config = SFTConfig(output_dir=str(workdir / "macft"), max_length=seq_len, max_steps=total_steps,
+                       per_device_train_batch_size=batch_size, learning_rate=1e-4, lr_scheduler_type="constant",
+                       eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True, train_on_prompt=True)
+    trainer = SFTTrainer(model=llm, processing_class=tokenizer, args=config, train_dataset=rows)
+    metrics = [m for m in trainer.train() if "tokens_per_sec" in m]
+    measured = metrics[warmup:]
+    tokens = sum(m["tokens"] for m in measured)
+    seconds = sum(m["step_time_s"] for m in measured)
+    return {
+        "tokens_per_sec": tokens / seconds,
+        "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics),
+        "loss": [round(m["loss"], 4) for m in metrics],
+        "grad_norm": [round(m["grad_norm"], 4) for m in metrics],
+        "model_path": llm.macft.path,
+    }
+
+
+def run_mlx_lm_lora_sft(peer_python, model_path, data_dir: Path, out: Path, batch_size, seq_len, iters, lora_rank,
+                        num_layers, load_in_4bit, grad_checkpoint) -> dict:
+    """mlx-lm-lora's own SFT CLI on the same data; parses its reported tokens/s and peak memory.
+
+    It runs through scripts/mlx_lm_lora_linux.py (install the peer with scripts/peer_mlx_lm_lora.sh), which loads
+    OpenBLAS before MLX as macft does and stubs the Metal-only wired-memory call that otherwise stops it on a CPU.
+    Settings mirror ours: LoRA rank r with scale 2.0 (alpha/r = 2), dropout 0, AdamW without weight decay at a
+    constant 1e-4, ``iters`` steps of ``batch_size`` rows cut to ``seq_len`` tokens, a report every step, no
+    validation (the peer's data dir holds train.jsonl only; with a valid.jsonl it evaluates at the first and the
+    last step), no fused-model export.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    peer_data = out / "data"
+    peer_data.mkdir(exist_ok=True)
+    (peer_data / "train.jsonl").write_bytes((Path(data_dir) / "train.jsonl").read_bytes())
+    config = {"model": str(model_path), "train": True, "train_mode": "sft", "train_type": "lora",
+              "sft_loss_type": "nll", "data": str(peer_data), "seed": 0,
+              "iters": iters, "batch_size": batch_size, "max_seq_length": seq_len, "num_layers": num_layers,
+              "learning_rate": 1e-4, "optimizer": "adamw", "optimizer_config": {"adamw": {"weight_decay": 0.0}},
+              "steps_per_report": 1, "steps_per_eval": 10**6, "val_batches": 1, "gradient_accumulation_steps": 1,
+              "adapter_path": str(out / "adapters"), "save_every": 10**6, "fuse": False,
+              "lora_parameters": {"rank": lora_rank, "dropout": 0.0, "scale": 2.0},
+              "grad_checkpoint": bool(grad_checkpoint), "load_in_4bits": bool(load_in_4bit)}
+    config_path = out / "config.yaml"
+    config_path.write_text(json.dumps(config, indent=1))  # JSON is YAML: no yaml dependency on our side
+    shim = Path(__file__).resolve().parent.parent / "scripts" / "mlx_lm_lora_linux.py"
+    if shim.is_file():
+        cmd = [str(peer_python), str(shim), "--config", str(config_path)]
+    else:  # an installed macft without the repo's scripts/: plain CLI (works on macOS/Metal only)
+        cmd = [str(peer_python), "-m", "mlx_lm_lora.train", "--config", str(config_path)]
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(900, 120 * iters),
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        returncode, log = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        def _text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+        returncode, log = None, _text(e.stdout) + _text(e.stderr) + f"\n[timed out after {e.timeout:.0f}s]"
+    except OSError as e:
+        returncode, log = None, f"could not start {peer_python}: {e}"
+    result = {"wall_s": time.perf_counter() - started, "returncode": returncode}
+    result.update(parse_mlx_lm_lora_log(log))
+    if returncode != 0 or not result.get("tokens_per_sec"):
+        result["log_tail"] = log[-2000:]
+    return result
+
+
+def parse_mlx_lm_lora_log(log: str, warmup: int = 2) -> dict:
+    """Its report lines (mlx-lm-lora 5.x SFT) read
+    'Iter 5: loss 2.345, lr 1.000e-04, it/s 0.160, tok/s 81.234, trained_tok 2540, peak_mem 1.160GB';
+    mlx-lm's older 'Iter 5: Train loss 2.345, ..., Tokens/sec 81.2, Trained Tokens 2540, Peak mem 1.16 GB' too.
+    Validation lines ('Iter 1: Val loss ...') are ignored. The first ``warmup`` reports (compilation) are left
+    out of the throughput, which is total tokens over total step time of the rest, as macft measures its own."""
+    import re
+
+    num = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
+    report = (rf"Iter (\d+): (?:Train )?loss {num},.*?(?:tok/s|Tokens/sec) {num},\s*"
+              rf"(?:trained_tok|Trained Tokens) (\d+),\s*(?:peak_mem|Peak mem) {num}\s*GB")
+    reports, last_total = [], 0
+    for m in re.finditer(report, log, re.IGNORECASE):
+        it, loss, rate, total, peak = int(m[1]), float(m[2]), float(m[3]), int(m[4]), float(m[5])
+        tokens = total - last_total  # trained_tok is cumulative
+        last_total = total
+        reports.append({"iter": it, "loss": loss, "tokens_per_sec": rate, "tokens": tokens,
+                        "seconds": tokens / rate if rate > 0 else 0.0, "peak_memory_gb": peak})
+    measured = reports[warmup:] if len(reports) > warmup else reports
+    tokens = sum(r["tokens"] for r in measured)
+    seconds = sum(r["seconds"] for r in measured)
+    return {"tokens_per_sec": tokens / seconds if seconds > 0 else None,
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in reports) if reports else None,
+            "loss": [round(r["loss"], 4) for r in reports],
+            "tokens_per_step": round(tokens / len(measured), 1) if measured else None,
+            "measured_steps": len(measured)}
+
+
+def _print_result(name, r):
+    tps = r.get("tokens_per_sec")
+    if tps is None:
+        typer.echo(f"{name}: no throughput figure (see log_tail in --json output)")
+        return
+    line = f"{name}: {tps:,.1f} tokens/s, peak {r.get('peak_memory_gb') or float('nan'):.2f} GB"
+    if r.get("loss"):
+        line += f", loss {r['loss'][0]} -> {r['loss'][-1]}"
+    if r.get("grad_norm"):
+        norms = r["grad_norm"]
+        line += f", grad norm {min(norms):.3g}..{max(norms):.3g}"
+        if not all(math.isfinite(n) and n > 0 for n in norms):
+            line += "  [VOID: a zero or non-finite gradient norm means nothing trained]"
+    typer.echo(line)
+
+
+# `macft bench grpo` lives in its own module; imported last because it uses this one's helpers.
+from macft.bench_grpo import bench_grpo  # noqa: E402
+
+bench_app.command("grpo")(bench_grpo)

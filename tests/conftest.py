@@ -1,0 +1,99 @@
+"""Shared fixtures: the embedded SmolLM2 model and tiny random models of several architectures.
+
+Tiny models use initializer_range=0.1 (HF default 0.02) so that their logits are not all but
+uniform: a few LoRA steps then move the loss measurably.
+
+Everything runs offline (HF_HUB_OFFLINE=1). Tiny models are real transformers models with
+random weights (2 layers, hidden 64) and SmolLM2's real tokenizer, saved as HF directories.
+"""
+
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import macft  # noqa: E402  (loads OpenBLAS before any test imports mlx.core)
+import pytest  # noqa: E402
+
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "mistral", "phi3")
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "generation_config.json")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir():
+    """SmolLM2-135M-Instruct as an HF directory (float32), materialized from the embedded GGUF."""
+    from macft.default_model import default_model_dir
+
+    return default_model_dir("hf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_mlx_dir():
+    """SmolLM2-135M-Instruct as an MLX directory (float32)."""
+    from macft.default_model import default_model_dir
+
+    return default_model_dir("mlx")
+
+
+def _tiny_config(arch: str, vocab_size: int, bos: int, eos: int):
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, initializer_range=0.1, bos_token_id=bos, eos_token_id=eos,
+                  tie_word_embeddings=arch in ("gemma", "qwen3"))
+    if arch == "llama":
+        return transformers.LlamaConfig(**common)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(head_dim=16, **common)
+    if arch == "gemma":
+        return transformers.GemmaConfig(head_dim=16, **common)
+    if arch == "mistral":
+        return transformers.MistralConfig(sliding_window=None, **common)
+    if arch == "phi3":
+        return transformers.Phi3Config(pad_token_id=0, **common)
+    raise ValueError(arch)
+
+
+def _add_top_level_rope_theta(config_path):
+    """transformers 5 nests rope_theta under rope_parameters; configs on the hub (and the
+    loaders users have, mlx_lm among them) have it at the top level, as transformers 4 wrote it."""
+    import json
+
+    config = json.loads(config_path.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        config_path.write_text(json.dumps(config, indent=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_hf_dir):
+    """Factory: tiny_model_dir("qwen2") -> path of an HF dir with random weights (seeded)."""
+    made = {}
+
+    def make(arch: str):
+        if arch in made:
+            return made[arch]
+        import torch
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
+        config = _tiny_config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model.save_pretrained(path, safe_serialization=True)
+        _add_top_level_rope_theta(path / "config.json")
+        for name in _TOKENIZER_FILES:
+            if (smollm2_hf_dir / name).exists() and not (path / name).exists():
+                shutil.copy(smollm2_hf_dir / name, path / name)
+        made[arch] = path
+        return path
+
+    return make

@@ -1,0 +1,351 @@
+"""GRPO and its presets (GSPO, Dr. GRPO, DAPO) on MLX: they learn a toy reward, reused rollouts
+clip, the reference gives a KL, DAPO samples again, reward errors stop the run cleanly, and
+each command line trains end to end."""
+
+import json
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
+
+from algorithms.grpo import PRESETS
+from macft import FastLanguageModel, GRPOConfig, GRPOTrainer
+from macft.cli import build_app
+from macft.data import tokenize_prompts
+from macft.rewards import RewardError
+
+REPO = Path(__file__).resolve().parents[2]
+MY_REWARD = REPO / "examples" / "my_reward.py"
+PROMPTS = [{"prompt": f"Say something about topic {i}.", "answer": str(i)} for i in range(8)]
+REWARDED_TOKEN = 1000
+
+
+def tiny_policy(tiny_model_dir, boost_to=None, full=False):
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=full)
+    if boost_to:
+        boost_token(model, tokenizer, REWARDED_TOKEN, boost_to)
+    if not full:
+        FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
+    return model, tokenizer
+
+
+def boost_token(model, tokenizer, token, probability):
+    """Give ``token`` about ``probability`` at the prompts' positions (a random model spreads its
+    mass over 49k tokens, so no single token would ever be sampled at temperature 1): add the mean
+    hidden-state direction to the token's output row until its mean probability reaches the target."""
+    examples, _ = tokenize_prompts(PROMPTS, tokenizer)
+    hidden = mx.concatenate([model.model(mx.array([e.prompt_ids]))[0] for e in examples])
+    direction = hidden.mean(axis=0)
+    direction = direction / mx.linalg.norm(direction)
+    row = model.lm_head.weight[token]
+    for scale in np.arange(0.25, 10, 0.25):
+        model.lm_head.weight[token] = row + float(scale) * direction
+        probs = mx.softmax(model.lm_head(hidden).astype(mx.float32), axis=-1)[:, token]
+        if probs.mean().item() >= probability:
+            return
+    raise AssertionError("could not boost the token")
+
+
+def token_reward(prompts, completions, completion_ids, **kwargs):
+    """The rewarded token's share of the completion's tokens."""
+    return [sum(t == REWARDED_TOKEN for t in ids) / max(1, len(ids)) for ids in completion_ids]
+
+
+def parity_reward(prompts, completions, completion_ids, **kwargs):
+    """Mixed rewards within any group of a random model: the first token's parity."""
+    return [float(ids[0] % 2) for ids in completion_ids]
+
+
+def grpo(model, tokenizer, tmp_path, reward_funcs=token_reward, rows=PROMPTS, **config):
+    settings = dict(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,
+                    num_generations=4, max_completion_length=6, learning_rate=5e-3, lr_scheduler_type="constant",
+                    temperature=1.0, disable_tqdm=True, seed=0)
+    settings.update(config)
+    args = GRPOConfig(**settings)
+    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=rows,
+                       processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "phi3"])
+def test_shared_prompt_log_probs_equal_whole_sequences(tiny_model_dir, arch):
+    """The loss runs each prompt once for its group; that must equal running every sequence whole."""
+    from mlx.utils import tree_map
+
+    from macft.mlx.grpo import completion_logps
+    from macft.mlx.trainer import sequence_logps
+
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir(arch)))
+    FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    mx.random.seed(0)
+    model.update(tree_map(lambda p: 0.05 * mx.random.normal(p.shape), model.trainable_parameters()))
+    prompts = [tokenizer.encode("Hello there, how are you today?"), tokenizer.encode("Hi"), [7]]
+    completions = mx.array([[11, 12, 13, 2], [14, 15, 0, 0], [16, 17, 18, 19], [20, 2, 0, 0], [21, 22, 23, 24],
+                            [25, 0, 0, 0]])
+    whole = mx.stack([sequence_logps(model, mx.array([prompts[r // 2] + completions[r].tolist()]))
+                      [0, len(prompts[r // 2]) - 1:] for r in range(6)])
+    assert mx.abs(completion_logps(model, prompts, completions) - whole).max().item() < 1e-4
+
+    mask = (completions != 0).astype(mx.float32)
+
+    def summed(m):
+        return (completion_logps(m, prompts, completions) * mask).sum()
+
+    shared_grads = nn.value_and_grad(model, summed)(model)[1]
+    model.macft.gradient_checkpointing = True  # takes the whole-sequence path
+    whole_grads = nn.value_and_grad(model, summed)(model)[1]
+    pairs = list(zip(tree_flatten(shared_grads), tree_flatten(whole_grads)))
+    assert max(mx.abs(a - b).max().item() for (_, a), (_, b) in pairs) < 1e-3
+    assert max(mx.abs(a).max().item() for (_, a), _ in pairs) > 1e-2
+
+
+def test_the_rewarded_token_becomes_more_frequent(tiny_model_dir, tmp_path):
+    model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.1)
+    metrics = grpo(model, tokenizer, tmp_path, max_steps=10, num_generations=8, learning_rate=5e-4).train()
+    steps = [m for m in metrics if "loss" in m]
+    rewards = [m["reward"] for m in steps]  # the rewarded token's share of the sampled tokens
+    assert len(rewards) == 10 and rewards[0] < 0.25
+    # Measured over seeds 0-3: first three steps 0.27-0.33, last three 0.96-0.99.
+    first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
+    assert last > 0.8 and last > first + 0.4, rewards
+    assert any(m["grad_norm"] > 0 for m in steps)
+    for key in ("loss", "reward", "reward_std", "rewards/token_reward/mean", "rewards/token_reward/std",
+                "completion_length", "clip_ratio", "frac_reward_zero_std", "rollout_tokens_per_sec",
+                "tokens_per_sec", "peak_memory_gb", "learning_rate"):
+        assert all(key in m for m in steps), key
+    assert all(m["completion_length"] <= 6 and m["rollout_tokens_per_sec"] > 0 for m in steps)
+    assert all(m["clip_ratio"] == 0 for m in steps)  # one iteration per rollout: ratio 1, nothing clips
+    assert "kl" not in steps[0]  # beta = 0
+    run = tmp_path / "run"
+    assert (run / "plots.png").stat().st_size > 0 and (run / "adapters.safetensors").exists()
+
+
+def test_reused_rollouts_move_the_ratio_so_clipping_acts(tiny_model_dir, tmp_path):
+    model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.2)
+    metrics = grpo(model, tokenizer, tmp_path, max_steps=3, num_iterations=3, learning_rate=0.1).train()
+    steps = [m for m in metrics if "loss" in m]
+    # Step 1 samples (ratio exactly 1); steps 2 and 3 replay the same rollout after updates.
+    assert steps[0]["clip_ratio"] == 0 and "reward" in steps[0]
+    assert all("reward" not in m for m in steps[1:])
+    assert max(m["clip_ratio"] for m in steps[1:]) > 0, steps
+
+
+@pytest.mark.parametrize("train_type", ["lora", "full"])
+def test_beta_compares_with_the_reference_policy(tiny_model_dir, tmp_path, train_type):
+    model, tokenizer = tiny_policy(tiny_model_dir, full=train_type == "full")
+    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=parity_reward, max_steps=3, beta=0.5,
+                   learning_rate=3e-3 if train_type == "full" else 5e-2)
+    steps = [m for m in trainer.train() if "loss" in m]
+    # LoRA starts at the base and the full copy starts equal: no divergence at step 1, some after.
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert steps[-1]["kl"] > 1e-5, steps
+    assert (trainer.reference is None) == (train_type == "lora")
+
+
+class CountingReward:
+    """Rewards scripted per call; the calls are counted."""
+
+    def __init__(self, per_call):
+        self.per_call, self.calls, self.__name__ = per_call, 0, "scripted_reward"
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.calls += 1
+        return self.per_call(self.calls, prompts, len(completions))
+
+
+def test_dapo_samples_equal_reward_groups_again(tiny_model_dir, tmp_path):
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    # Call 1: every group has equal rewards; call 2 (the redo of all groups): mixed ones.
+    reward = CountingReward(lambda call, prompts, n: [0.0] * n if call == 1 else [float(i % 2) for i in range(n)])
+    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=reward, max_steps=1, dynamic_sampling=True,
+                   **PRESETS["dapo"])
+    step = trainer.train()[0]
+    assert reward.calls == 2 and step["sampling_rounds"] == 2 and step["kept_groups_frac"] == 1.0
+    assert step["reward"] == 0.0 and step["frac_reward_zero_std"] == 1.0  # the policy's own first sample
+
+
+def test_dapo_gives_up_after_max_rounds_with_a_warning(tiny_model_dir, tmp_path):
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    # Topic 0's group always gets equal rewards; the other prompts' groups are mixed.
+    rows = [PROMPTS[0], PROMPTS[1]]
+    reward = CountingReward(lambda call, prompts, n: [0.0 if "topic 0" in p else float(i % 2)
+                                                      for i, p in enumerate(prompts)])
+    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=reward, rows=rows, max_steps=1, loss_type="dapo",
+                   dynamic_sampling=True, max_sampling_rounds=3, overlong_buffer_length=2, max_completion_length=4,
+                   mask_truncated_completions=True)
+    with pytest.warns(UserWarning, match=r"dynamic sampling: after 3 sampling rounds, 1 of 2 prompt groups"):
+        step = trainer.train()[0]
+    assert reward.calls == 3 and step["sampling_rounds"] == 3 and step["kept_groups_frac"] == 0.5
+    # The random model never stops before 4 tokens: every completion is in the overlong zone
+    # (|y| = L_max: penalty -1) and truncated, so masked out of the loss.
+    assert step["rewards/overlong_punishment/mean"] == -1.0
+    assert step["completion_truncated_frac"] == 1.0 and step["loss"] == 0.0 and step["grad_norm"] == 0.0
+
+
+def test_a_failing_reward_stops_the_run_and_keeps_the_checkpoints(tiny_model_dir, tmp_path):
+    reward_file = tmp_path / "flaky_reward.py"
+    reward_file.write_text(
+        "calls = 0\n\n"
+        "def flaky_reward(prompts, completions, **kwargs):\n"
+        "    global calls\n"
+        "    calls += 1\n"
+        "    if calls == 3:\n"
+        "        raise ValueError('the grader is down')\n"
+        "    return [float(len(c)) for c in completions]\n")
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=str(reward_file), max_steps=5, save_steps=1,
+                   num_generations=2, max_completion_length=3)
+    with pytest.raises(RewardError, match=r"step 3: reward function 'flaky_reward' raised ValueError: the grader "
+                                          r"is down \(first prompt of the batch: 'Say something.*\)\. The run "
+                                          r"stopped; the last checkpoint, checkpoints/step_2, is intact"):
+        trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_2"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+    saved = mx.load(str(checkpoint / "adapter" / "adapters.safetensors"))
+    reloaded, _ = FastLanguageModel.from_pretrained(str(checkpoint / "adapter"))
+    params = dict(tree_flatten(reloaded.parameters()))
+    assert saved and all(mx.array_equal(params[k], v).item() for k, v in saved.items())
+
+
+def test_resume_continues_the_same_rollouts(tiny_model_dir, tmp_path):
+    """Rollouts are seeded by (seed, epoch, batch), so a run resumed at step 2 samples what the
+    uninterrupted run sampled at steps 3 and 4."""
+    model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.2)
+    full = grpo(model, tokenizer, tmp_path / "a", reward_funcs=parity_reward, rows=PROMPTS[:6], max_steps=4,
+                save_steps=2, save_total_limit=None).train()
+    model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.2)
+    resumed = grpo(model, tokenizer, tmp_path / "b", reward_funcs=parity_reward, rows=PROMPTS[:6], max_steps=4).train(
+        resume_from_checkpoint=tmp_path / "a" / "run" / "checkpoints" / "step_2")
+    assert [m["step"] for m in resumed] == [3, 4]
+    for before, after in zip(full[2:], resumed):
+        assert after["reward"] == before["reward"] and after["completion_length"] == before["completion_length"]
+        assert after["loss"] == pytest.approx(before["loss"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.fixture()
+def arith_dir(tmp_path):
+    data = tmp_path / "arith"
+    data.mkdir()
+    rows = [json.loads(line) for line in (REPO / "examples/data/arith/train.jsonl").read_text().splitlines()[:4]]
+    for split, split_rows in (("train", rows), ("valid", rows[:2])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    return data
+
+
+def invoke(*args):
+    return CliRunner().invoke(build_app(), [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("grpo", {"loss_type": "dapo", "beta": 0.0, "importance_sampling_level": "token", "num_iterations": 2}),
+    ("gspo", {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4}),
+    ("dr_grpo", {"loss_type": "dr_grpo", "scale_rewards": "none"}),
+    ("dapo", {"loss_type": "dapo", "epsilon_high": 0.3, "dynamic_sampling": True,
+              "mask_truncated_completions": True, "max_sampling_rounds": 2}),
+])
+def test_each_group_command_trains_end_to_end(tiny_model_dir, arith_dir, tmp_path, command, expected):
+    out = tmp_path / "run"
+    extra = {"grpo": ["--num-iterations", 2], "dapo": ["--epsilon-high", 0.3, "--max-sampling-rounds", 2]}
+    with warnings.catch_warnings():  # DAPO warns: the random model's groups all score 0
+        warnings.simplefilter("ignore")
+        result = invoke(command, "--model", tiny_model_dir("llama"), "--data", arith_dir, "--reward-fn", MY_REWARD,
+                        "--iters", 2, "--batch-size", 2, "--group-size", 2, "--max-completion-length", 3,
+                        "--learning-rate", 1e-3, "--adapter-path", out, *extra.get(command, []))
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 2]  # two steps, then the evaluation on valid.jsonl
+    assert all(f"rewards/{name}/mean" in metrics[0] for name in ("correctness_reward", "format_reward"))
+    assert "reward" in metrics[0] and "loss" in metrics[1]
+    assert {"eval_reward", "eval_rewards/correctness_reward/mean", "eval_completion_length"} <= set(metrics[2])
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert {k: config[k] for k in expected} == expected
+    assert config["num_generations"] == 2 and config["max_completion_length"] == 3
+    assert (out / "adapters.safetensors").exists() and "reward" in result.output
+
+
+@pytest.mark.parametrize("body, message", [
+    ("return [1.0]", r"reward function 'short_reward' returned 1 values for 4 completions"),
+    ("return [float('nan')] * len(completions)", r"reward function 'short_reward' returned nan for sample 0 "
+                                                 r"\(prompt: 'What is"),
+])
+def test_bad_reward_output_is_one_clear_line(tiny_model_dir, arith_dir, tmp_path, body, message):
+    reward_file = tmp_path / "bad.py"
+    reward_file.write_text(f"def short_reward(prompts, completions, **kwargs):\n    {body}\n")
+    result = invoke("grpo", "--model", tiny_model_dir("llama"), "--data", arith_dir, "--reward-fn", reward_file,
+                    "--iters", 1, "--batch-size", 2, "--group-size", 2, "--max-completion-length", 2,
+                    "--adapter-path", tmp_path / "run")
+    assert result.exit_code == 2
+    errors = [line[line.index("error: "):] for line in result.output.splitlines() if "error: " in line]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith("error: step 1: ") and re.search(message, errors[0]), errors[0]
+
+
+def test_cli_needs_a_reward_function(tiny_model_dir, arith_dir, tmp_path):
+    result = invoke("grpo", "--model", tiny_model_dir("llama"), "--data", arith_dir, "--adapter-path", tmp_path)
+    assert result.exit_code == 2 and "--reward-fn is required" in result.output
+
+
+def test_python_dash_m_preset_modules():
+    for name in ("grpo", "gspo", "dr_grpo", "dapo"):
+        assert (REPO / "macft" / f"{name}.py").exists()
+    result = subprocess.run([sys.executable, "-m", "macft.dapo", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and "--reward-fn" in result.stdout and "--dynamic-sampling" in result.stdout
+
+
+def test_example_script_runs(tiny_model_dir, tmp_path, monkeypatch):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["grpo_arith.py", "--model", str(tiny_model_dir("llama")), "--max-steps", "1",
+                                      "--output-dir", str(tmp_path / "run"), "--max-completion-length", "2"])
+    runpy.run_path(str(REPO / "examples" / "grpo_arith.py"), run_name="__main__")
+    assert (tmp_path / "run" / "adapters.safetensors").exists()
+
+
+def test_bench_grpo_times_batched_and_sequential_rollouts(tiny_model_dir, tmp_path):
+    import typer
+
+    from macft.bench_grpo import bench_grpo
+
+    app = typer.Typer()
+    app.command()(bench_grpo)
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["--model", str(tiny_model_dir("llama")), "--group-size", "4", "--num-prompts",
+                                      "2", "--max-tokens", "4", "--repeats", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert figures["batched"]["tokens"] == figures["sequential"]["tokens"] == 2 * 4 * 4  # EOS is ignored
+    assert figures["ratio_batched_over_sequential"] > 0 and "ratio batched / sequential" in result.output
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_smollm2_learns_arithmetic_with_my_reward(smollm2_mlx_dir, tmp_path):
+    """GRPO with examples/my_reward.py on examples/data/arith: one prompt x 8 completions of up to
+    12 tokens per step, 30 steps (about 2 minutes on 2 CPU cores). Measured with these settings,
+    seeds 0 and 1: mean reward of the first 10 steps 0.24 / 0.43, of the last 10 0.82 / 0.89; its
+    correctness part 0.09 / 0.28 -> 0.56 / 0.64 (the model learns to write "a + b = c" and get c right)."""
+    model, tokenizer = FastLanguageModel.from_pretrained(str(smollm2_mlx_dir))
+    FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, num_layers=16, use_gradient_checkpointing=False)
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=30, per_device_train_batch_size=1,
+                      num_generations=8, max_completion_length=12, learning_rate=5e-5, lr_scheduler_type="constant",
+                      temperature=1.0, eval_batches=0, disable_tqdm=True, seed=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=str(MY_REWARD), args=args,
+                          train_dataset=str(REPO / "examples/data/arith"), processing_class=tokenizer)
+    steps = [m for m in trainer.train() if "reward" in m]
+    rewards = [m["reward"] for m in steps]
+    correct = [m["rewards/correctness_reward/mean"] for m in steps]
+    assert len(rewards) == 30
+    assert np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.2, rewards
+    assert np.mean(correct[-10:]) > np.mean(correct[:10]) + 0.1, correct
