@@ -256,7 +256,10 @@ def save_tokenizer(metadata: dict, out_dir: Path, gguf_path):
     """Write tokenizer.json + tokenizer_config.json (+ chat template) rebuilt from the metadata."""
     from tokenizers import pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    except ImportError:  # transformers < 5.18 kept it in integrations.ggml
+        from transformers.integrations.ggml import convert_gguf_tokenizer
 
     if "tokenizer.ggml.tokens" not in metadata:
         raise GGUFImportError(f"{gguf_path}: the file has no tokenizer")

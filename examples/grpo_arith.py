@@ -9,7 +9,7 @@ The same run from the command line:
         --batch-size 1 --group-size 8 --max-completion-length 12 --learning-rate 5e-5 --num-layers 16 \
         --adapter-path runs/grpo_arith
 
-Watch `reward` (and `rewards/correctness_reward/mean`, `rewards/format_reward/mean`) rise in
+Watch `reward_mean` (and `rewards/correctness_reward/mean`, `rewards/format_reward/mean`) rise in
 runs/grpo_arith/metrics.jsonl; the curves are in runs/grpo_arith/plots.png at the end. On 2 CPU
 cores this takes about 2 minutes. Measured (seeds 3407 / 0 / 1): mean reward 0.33 / 0.24 / 0.43
 over the first 10 steps, 0.55 / 0.82 / 0.89 over the last 10; the final evaluation (one greedy
@@ -35,7 +35,8 @@ def main():
 
     model, tokenizer = FastLanguageModel.from_pretrained(cli.model, max_seq_length=512)
     # LoRA on the last 16 blocks (of SmolLM2's 30): the backward pass stops there.
-    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, num_layers=min(16, len(model.layers)),
+    blocks = model.macft.config["num_hidden_layers"]  # the same on both backends
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, num_layers=min(16, blocks),
                                              use_gradient_checkpointing=False)
 
     args = GRPOConfig(
@@ -58,7 +59,7 @@ def main():
         args=args,
     )
     metrics = trainer.train()
-    rewards = [m["reward"] for m in metrics if "reward" in m]
+    rewards = [m["reward_mean"] for m in metrics if "reward_mean" in m]
     first, last = rewards[:10], rewards[-10:]
     print(f"mean reward: first {len(first)} steps {sum(first) / len(first):.3f}, "
           f"last {len(last)} steps {sum(last) / len(last):.3f}; adapter in {cli.output_dir}")

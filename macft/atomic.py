@@ -5,6 +5,7 @@ a run killed mid-write leaves the previous version (or nothing), never half a fi
 """
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -28,7 +29,10 @@ def atomic_dir(target, if_exists: str = "replace"):
         raise FileExistsError(f"{target} already exists; delete it or choose another path")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like a mkdir
         yield tmp
+        # Data and directory entries reach the disk before the rename publishes them, so a power cut
+        # or kill right after the rename never shows a directory whose files are empty.
         _fsync_dir_files(tmp)
         if if_exists == "replace" and target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -38,10 +42,13 @@ def atomic_dir(target, if_exists: str = "replace"):
         else:
             try:
                 os.rename(tmp, target)
-            except OSError:
+            except OSError as e:
                 # rename(2) will not replace a non-empty directory: another process won the race.
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
                 if not (if_exists == "keep" and target.is_dir()):
                     raise FileExistsError(f"{target} appeared while it was being written") from None
+        _fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -73,11 +80,13 @@ def atomic_write_text(path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the result should look like an open()
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -93,3 +102,26 @@ def _fsync_dir_files(folder: Path):
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path):
+    """fsync a directory's entries (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)

@@ -40,24 +40,46 @@ def bench_sft(
     load_in_4bit: bool = typer.Option(False, "--load-in-4bit"),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint"),
     backend: str = typer.Option(None, "--backend", help="mlx or cuda (default: this machine's)."),
+    model_shape: str = typer.Option(None, "--model-shape",
+                                    help="Instead of --model, a random-init model of this shape: llama-3.2-1b or tiny."),
+    tokenizer_dir: str = typer.Option(None, "--tokenizer",
+                                      help="With --model-shape: a directory whose tokenizer to use (default: the "
+                                           "embedded SmolLM2's)."),
+    hf_peer: bool = typer.Option(None, "--hf-peer/--no-hf-peer",
+                                 help="Also run the same steps with HF transformers + PEFT (default: on with cuda)."),
     peer_python: str = typer.Option(None, "--peer-python", help="A Python with mlx-lm-lora installed: run it too."),
     json_out: str = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ):
     """LoRA SFT step throughput (tokens/s) and peak memory."""
     if backend:
         os.environ["MACFT_BACKEND"] = backend
+        from macft.backend import current
+
+        current.cache_clear()  # the choice is cached per process
     from macft.backend import current
 
-    results = {"settings": {"model": model or "SmolLM2-135M-Instruct (embedded)", "batch_size": batch_size,
-                            "seq_len": seq_len, "steps": steps, "warmup": warmup, "lora_rank": lora_rank,
-                            "num_layers": num_layers, "load_in_4bit": load_in_4bit,
+    if model and model_shape:
+        raise typer.BadParameter("give --model or --model-shape, not both")
+    hf_peer = current() == "cuda" if hf_peer is None else hf_peer
+    if hf_peer and current() != "cuda":
+        raise typer.BadParameter("--hf-peer compares against the cuda backend: add --backend cuda")
+    results = {"settings": {"model": model or model_shape or "SmolLM2-135M-Instruct (embedded)",
+                            "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
+                            "lora_rank": lora_rank, "num_layers": num_layers, "load_in_4bit": load_in_4bit,
                             "grad_checkpoint": grad_checkpoint, "backend": current()}}
     with tempfile.TemporaryDirectory(prefix="macft-bench-") as tmp:
         tmp = Path(tmp)
+        if model_shape:
+            from macft.bench_hf import build_shape_dir
+
+            model = str(build_shape_dir(model_shape, tmp / "model", tokenizer_dir=tokenizer_dir))
         ours = run_macft_sft(model, tmp, batch_size, seq_len, steps, warmup, lora_rank, num_layers, load_in_4bit,
                              grad_checkpoint)
         results["macft"] = ours
         _print_result("macft", ours)
+        if hf_peer:
+            _run_hf_peer(results, ours, batch_size, seq_len, steps, warmup, lora_rank, num_layers, load_in_4bit,
+                         grad_checkpoint)
         if peer_python:
             peer = run_mlx_lm_lora_sft(peer_python, ours["model_path"], tmp / "data", tmp / "peer", batch_size,
                                        seq_len, steps + warmup, lora_rank, num_layers, load_in_4bit, grad_checkpoint)
@@ -69,6 +91,31 @@ def bench_sft(
                 typer.echo(f"ratio macft / mlx-lm-lora tokens/s: {ratio:.2f}x")
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2))
+
+
+def _run_hf_peer(results, ours, batch_size, seq_len, steps, warmup, lora_rank, num_layers, load_in_4bit,
+                 grad_checkpoint):
+    """Stock HF transformers + PEFT on the same model directory and batches; prints the ratios."""
+    from transformers import AutoTokenizer
+
+    from macft.bench_hf import release_memory, run_hf_peft_sft
+
+    if load_in_4bit or num_layers != -1:
+        raise typer.BadParameter("--hf-peer runs plain LoRA on every layer: drop --load-in-4bit / --num-layers")
+    release_memory()
+    tokenizer = AutoTokenizer.from_pretrained(ours["model_path"])
+    rows = [{"text": t} for t in bench_texts(tokenizer, batch_size * (steps + warmup), seq_len)]
+    peer = run_hf_peft_sft(ours["model_path"], rows, batch_size, seq_len, steps, warmup, lora_rank, grad_checkpoint)
+    results["hf_peft"] = peer
+    _print_result("hf+peft", peer)
+    ratios = {"tokens_per_sec": ours["tokens_per_sec"] / peer["tokens_per_sec"],
+              "peak_memory": ours["peak_memory_gb"] / peer["peak_memory_gb"] if peer["peak_memory_gb"] else None,
+              # Same weights, same first batch and lora_b = 0 on both: the first losses must agree.
+              "first_loss_difference": abs(ours["loss"][0] - peer["loss"][0])}
+    results["ratio_vs_hf_peft"] = ratios
+    memory = f"{ratios['peak_memory']:.2f}x" if ratios["peak_memory"] else "n/a"
+    typer.echo(f"ratio macft / hf+peft: tokens/s {ratios['tokens_per_sec']:.2f}x, peak memory {memory}, "
+               f"first-step loss difference {ratios['first_loss_difference']:.4f}")
 
 
 def run_macft_sft(model_name, workdir: Path, batch_size, seq_len, steps, warmup, lora_rank, num_layers, load_in_4bit,
@@ -199,3 +246,8 @@ def _print_result(name, r):
 from macft.bench_grpo import bench_grpo  # noqa: E402
 
 bench_app.command("grpo")(bench_grpo)
+
+# `macft bench serve`: throughput of `macft serve` (and of mlx_lm.server with --peer).
+from macft.serve.bench import bench_serve  # noqa: E402
+
+bench_app.command("serve")(bench_serve)

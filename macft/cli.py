@@ -51,11 +51,13 @@ COMMON_FLAGS = (
     Flag("adapter_path", ("--adapter-path", "--output-dir"), str, "adapters", "Run directory: adapter, metrics.jsonl, checkpoints."),
     Flag("save_every", ("--save-every",), int, 100, "Write a checkpoint every N steps."),
     Flag("keep_checkpoints", ("--keep-checkpoints",), int, 2, "How many checkpoints to keep."),
+    Flag("nan_patience", ("--nan-patience",), int, 3, "Skip a step whose loss or gradient is NaN/inf; stop after this many in a row."),
     Flag("steps_per_report", ("--steps-per-report",), int, 1, "Log metrics every N steps."),
     Flag("steps_per_eval", ("--steps-per-eval",), int, 200, "Evaluate on the valid split every N steps."),
     Flag("val_batches", ("--val-batches",), int, 25, "Validation batches per evaluation (-1: all)."),
     Flag("resume", ("--resume",), str, None, "Resume from the latest checkpoint of the run directory, or from DIR."),
     Flag("seed", ("--seed",), int, 3407, "Random seed."),
+    Flag("push_to_hub", ("--push-to-hub",), str, None, "After training, upload the adapter (with a model card) to this Hugging Face repo (user/name)."),
 )
 
 # Flags of the preference and online algorithms (DESIGN section 4); each algorithm module picks its own.
@@ -155,6 +157,10 @@ def training_command(algo: str, flags, run):
         try:
             values = resolve_values(given, flags, algo)
             run(values)
+            if values.get("push_to_hub"):
+                from macft.hub import push_run
+
+                typer.echo(f"Uploaded to {push_run(values['adapter_path'], values['push_to_hub'], algorithm=algo)}")
         except Exception as e:  # one clear line for the errors users cause, a traceback for ours
             _exit_on_user_error(e)
             raise
@@ -169,8 +175,16 @@ def _exit_on_user_error(error: Exception):
     from macft.data import DataError
     from macft.errors import ModelLoadError, TrainingError
     from macft.rewards import RewardError
+    from macft.errors import TrainingInterrupted
 
-    user_errors = (CLIError, ConfigError, DataError, ModelLoadError, TrainingError, RewardError, FileNotFoundError)
+    if isinstance(error, TrainingInterrupted):  # SIGINT/SIGTERM: a checkpoint was written
+        typer.echo(str(error), err=True)
+        raise typer.Exit(error.exit_code)
+
+    from macft.hub import HubError
+
+    user_errors = (CLIError, ConfigError, DataError, ModelLoadError, TrainingError, RewardError, FileNotFoundError,
+                   HubError)
     if isinstance(error, user_errors):
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
@@ -196,10 +210,20 @@ def load_model_for_training(values: dict):
             num_layers=values["num_layers"], use_gradient_checkpointing=values["grad_checkpoint"],
             random_state=values["seed"])
     elif values["grad_checkpoint"]:
-        from macft.mlx.model import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model)
+        enable_full_model_checkpointing(model)
     return model, tokenizer
+
+
+def enable_full_model_checkpointing(model):
+    """Gradient checkpointing for full fine-tuning (get_peft_model sets it up for adapters), on
+    this process' backend."""
+    from macft.backend import current
+
+    if current() == "mlx":
+        from macft.mlx.model import enable_gradient_checkpointing
+    else:
+        from cuda_bridge.lora import enable_gradient_checkpointing
+    return enable_gradient_checkpointing(model)
 
 
 def training_config_values(values: dict) -> dict:
@@ -219,6 +243,7 @@ def training_config_values(values: dict) -> dict:
         "eval_batches": values["val_batches"],
         "save_steps": values["save_every"],
         "save_total_limit": values["keep_checkpoints"],
+        "nan_patience": values["nan_patience"],
     }
     if values["iters"] is not None:
         config["max_steps"] = values["iters"]
@@ -238,7 +263,7 @@ def resume_path(values: dict):
 def print_summary(metrics: list[dict], output_dir, keys=("loss",)):
     parts = []
     for key in (*keys, "eval_loss"):
-        values = [m[key] for m in metrics if key in m and m[key] is not None]
+        values = [m[key] for m in metrics if isinstance(m.get(key), (int, float))]  # skipped steps log "nan"
         if values:
             name = "valid loss" if key == "eval_loss" else "train loss" if key == "loss" else key
             parts.append(f"{name} {values[0]:.4f} -> {values[-1]:.4f}")
@@ -292,6 +317,14 @@ def generate_command(
     typer.echo(text)
 
 
+def _report_command(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory (--adapter-path of a training run)."),
+                    out: Path = typer.Option(None, "--out", help="Where to write the page (default RUN_DIR/report.html).")):
+    """Write a self-contained HTML report of a run."""
+    from macft.report import report_command
+
+    report_command(run_dir, out)
+
+
 _built = False
 
 
@@ -312,6 +345,18 @@ def build_app() -> typer.Typer:
             app.command(name, help=module.HELP)(training_command(name, COMMON_FLAGS + tuple(module.FLAGS), module.run))
         app.command("convert", help="Convert a Hugging Face model (or .gguf) to MLX, optionally quantized.")(
             convert_command)
+        from macft.export_gguf import export_gguf_command
+        from macft.fuse import fuse_command
+
+        app.command("fuse", help="Fuse an adapter into its base model (mlx_lm.fuse's flags); --export-gguf, "
+                                 "--push-to-hub.")(fuse_command)
+        app.command("export-gguf", help="Write a model (with an adapter merged in) as GGUF: f16, q8_0, q4_0.")(
+            export_gguf_command)
+        from macft.serve.cli import serve_command
+
+        app.command("serve", help="Serve a model and its adapters with an OpenAI-compatible API.")(serve_command)
+        app.command("report", help="Write RUN_DIR/report.html: metric plots, run facts, checkpoints.")(
+            _report_command)
         app.add_typer(bench_app, name="bench")
         _built = True
     return app

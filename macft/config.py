@@ -46,6 +46,8 @@ class TrainingConfig:
     per_device_eval_batch_size: int | None = None
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int | None = 2
+    # Non-finite loss/gradient steps are skipped; this many in a row stop the run.
+    nan_patience: int = 3
     report_to: str | list | None = "none"  # accepted for TRL scripts; we log to metrics.jsonl
     disable_tqdm: bool = False
 
@@ -65,6 +67,8 @@ class TrainingConfig:
             raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if self.lr_scheduler_type not in ("linear", "cosine", "constant", "constant_with_warmup"):
             raise ConfigError(f"lr_scheduler_type {self.lr_scheduler_type!r}: expected linear, cosine or constant")
+        if self.nan_patience < 1:
+            raise ConfigError(f"nan_patience must be >= 1, got {self.nan_patience}")
         if self.optim not in ("adamw", "adamw_torch", "adamw_8bit", "adamw_torch_fused", "adam", "sgd"):
             raise ConfigError(f"optim {self.optim!r} is not supported (use adamw or sgd)")
 

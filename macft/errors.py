@@ -7,3 +7,13 @@ class ModelLoadError(ValueError):
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (no trainable parameters, non-finite loss, bad checkpoint)."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped a run after a checkpoint; the CLI exits with ``exit_code`` (130 for
+    SIGINT, 143 for SIGTERM) and prints the message, which says how to resume."""
+
+    def __init__(self, message: str, exit_code: int = 130, checkpoint=None):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.checkpoint = checkpoint

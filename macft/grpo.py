@@ -72,7 +72,7 @@ def train_group_algorithm(values: dict, preset: str | None):
     trainer = GRPOTrainer(model=model, reward_funcs=reward_functions, args=config, train_dataset=values["data"],
                           processing_class=tokenizer)
     print_summary(trainer.train(resume_from_checkpoint=resume_path(values)), config.output_dir,
-                  keys=("loss", "reward"))
+                  keys=("loss", "reward_mean"))
 
 
 def run(values: dict):

@@ -11,24 +11,91 @@
 import hashlib
 import json
 import math
+import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
 
 from macft.atomic import atomic_dir, atomic_write_json
+from macft.errors import TrainingError
 
-_PACKAGES = ("macft", "mlx", "mlx-lm", "torch", "triton", "transformers", "trl", "peft", "numpy", "safetensors")
+_PACKAGES = ("macft", "mlx", "mlx-metal", "mlx-cuda", "mlx-lm", "torch", "triton", "transformers", "tokenizers", "trl",
+             "peft", "numpy", "safetensors")
 
 
 class RunDirectory:
-    def __init__(self, path):
+    def __init__(self, path, create: bool = True):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if create:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TrainingError(f"cannot create the output directory {self.path}: {e.strerror or e}") from None
         self.metrics_path = self.path / "metrics.jsonl"
         self.checkpoints = self.path / "checkpoints"
+
+    # -- disk checks (before training, so a run does not die at its first checkpoint)
+    def check_writable(self):
+        """Write, fsync and delete a probe file: catches read-only mounts, permissions, and paths
+        under a file, which ``os.access`` misses (root passes every mode check)."""
+        probe = self.path / f".macft-write-probe-{os.getpid()}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"macft")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise TrainingError(f"the output directory {self.path} is not writable: {e.strerror or e}; choose "
+                                "another --adapter-path/output_dir") from None
+        finally:
+            try:
+                probe.unlink()
+            except OSError:
+                pass
+
+    def free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.path).free
+        except OSError:
+            return None
+
+    def check_free_space(self, needed: int, what: str = "one checkpoint"):
+        """``needed`` bytes (0: unknown, no check) must be free where the run directory lives."""
+        free = self.free_bytes()
+        if needed and free is not None and free < needed:
+            raise TrainingError(f"not enough disk space in {self.path}: {what} needs about {format_bytes(needed)} "
+                                f"({needed} bytes) and {format_bytes(free)} ({free} bytes) are free; free some "
+                                "space or choose another --adapter-path/output_dir")
+
+    def remove_stale_temp(self):
+        """Clean up after a killed run: drop the half-written temp files and directories
+        (``atomic_dir``'s ``.step_N.tmp-*``, ``atomic_files``' ``.incoming-*``, ``atomic_write_text``'s
+        ``.NAME.tmp-*``), never a checkpoint. A run killed while
+        replacing a checkpoint leaves the previous one in ``.step_N.old-*/previous``: it is put back
+        where nothing replaced it."""
+        for path in (self.path.iterdir() if self.path.is_dir() else ()):
+            if path.name.startswith(".incoming-") and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.name.startswith(".") and path.is_file() and (".tmp-" in path.name
+                                                                   or path.name.endswith(".tmp.png")):
+                path.unlink(missing_ok=True)  # atomic_write_text's and plot's temp files
+        if not self.checkpoints.is_dir():
+            return
+        for path in self.checkpoints.iterdir():
+            if not path.name.startswith(".step_"):
+                continue
+            if ".tmp-" in path.name:
+                shutil.rmtree(path, ignore_errors=True)
+            elif ".old-" in path.name:
+                target = self.checkpoints / path.name[1:path.name.index(".old-")]
+                if (path / "previous").is_dir() and not target.exists():
+                    os.replace(path / "previous", target)
+                shutil.rmtree(path, ignore_errors=True)
 
     # -- records
     def write_run_json(self, config: dict, *, backend: str, device: str, data_files=(), model: dict | None = None,
@@ -36,6 +103,8 @@ class RunDirectory:
         record = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": sys.argv,
+            "cwd": os.getcwd(),
+            "macft_git": macft_git_commit(),
             "config": config,
             "seed": config.get("seed"),
             "model": model or {},
@@ -56,9 +125,7 @@ class RunDirectory:
             f.flush()
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_metrics(self.metrics_path)
 
     def truncate_metrics_after(self, step: int):
         """On resume, drop lines logged after the checkpoint so the record reads as one run."""
@@ -120,10 +187,75 @@ def plot_metrics(records: list[dict], curves, out: Path) -> Path | None:
         ax.legend()
     fig.tight_layout()
     tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave half a picture behind
+        raise
+    finally:
+        plt.close(fig)
     return out
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl; a last line torn by a killed run is left out."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for index, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index == len(lines) - 1:
+                break  # appended when the process died
+            raise ValueError(f"{path}, line {index + 1}: not valid JSON") from None
+    return records
+
+
+def macft_git_commit() -> dict | None:
+    """The git commit of the macft checkout in use (and whether it had local changes), if any."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def model_files_facts(path, hash_limit: int = 1 << 30) -> dict:
+    """The base model's files: sha256 of its config (and of its weights while they total under
+    ``hash_limit`` bytes, so a big model does not cost minutes), sizes of the rest."""
+    if not path or not Path(path).is_dir():
+        return {}
+    folder = Path(path)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".gguf",
+                                                                                ".jinja", ".model"))
+    total = sum(p.stat().st_size for p in files)
+    facts = {}
+    for p in files:
+        small = p.suffix in (".json", ".jinja", ".model") or total <= hash_limit
+        facts[p.name] = {"bytes": p.stat().st_size, **({"sha256": file_sha256(p)} if small else {})}
+    return facts
+
+
+def format_bytes(count) -> str:
+    if count is None:
+        return "unknown"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
 
 
 def file_sha256(path) -> str:

@@ -12,6 +12,14 @@ import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "TRITON_INTERPRET" not in os.environ:
+    # Without a GPU the Triton kernels run under Triton's interpreter. Triton reads this when it is
+    # first imported (torch, transformers and peft may import it long before a kernel test runs),
+    # so it is decided here, before anything else loads.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 import macft  # noqa: E402  (loads OpenBLAS before any test imports mlx.core)
 import pytest  # noqa: E402
@@ -93,6 +101,46 @@ def tiny_model_dir(tmp_path_factory, smollm2_hf_dir):
         for name in _TOKENIZER_FILES:
             if (smollm2_hf_dir / name).exists() and not (path / name).exists():
                 shutil.copy(smollm2_hf_dir / name, path / name)
+        made[arch] = path
+        return path
+
+    return make
+
+
+_SMALL_VOCAB_CORPUS = (
+    "The quick brown fox jumps over the lazy dog, and then it sleeps. A small tokenizer learns its merges "
+    "from this paragraph. Foxes and dogs sleep in the shade; the keeper writes the weather in a notebook "
+    "every morning, and the sea wind carries salt.")
+
+
+@pytest.fixture(scope="session")
+def small_vocab_model_dir(tmp_path_factory):
+    """Factory: small_vocab_model_dir("llama" | "qwen2") -> a tiny random HF model whose tokenizer is a
+    400-token byte-level BPE trained here (with <|im_start|>/<|im_end|> specials). For GGUF files,
+    which every reader parses token by token: SmolLM2's 49k tokens take seconds each time."""
+    made = {}
+
+    def make(arch: str):
+        if arch in made:
+            return made[arch]
+        import torch
+        import transformers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.train_from_iterator([_SMALL_VOCAB_CORPUS], trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
+                                                         eos_token="<|im_end|>", unk_token="<|endoftext|>")
+        config = _tiny_config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(f"small-vocab-{arch}")
+        transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+        _add_top_level_rope_theta(path / "config.json")
+        tokenizer.save_pretrained(path)
         made[arch] = path
         return path
 

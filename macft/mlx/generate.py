@@ -2,13 +2,7 @@
 
 import mlx.core as mx
 
-
-def format_prompt(tokenizer, prompt: str, chat: bool = True, system: str | None = None) -> str:
-    """Wrap a user prompt in the chat template when the tokenizer has one (and ``chat`` is on)."""
-    if not chat or not getattr(tokenizer, "chat_template", None):
-        return prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+from macft.prompting import format_prompt, prompt_token_ids  # noqa: F401  (shared with cuda_bridge)
 
 
 def generate_text(model, tokenizer, prompt: str, max_tokens: int = 256, temperature: float = 0.0,
@@ -20,9 +14,7 @@ def generate_text(model, tokenizer, prompt: str, max_tokens: int = 256, temperat
 
     if seed is not None:
         mx.random.seed(seed)
-    text = format_prompt(tokenizer, prompt, chat=chat, system=system)
-    # The template already carries the BOS token where the model wants one.
-    prompt_ids = tokenizer.encode(text, add_special_tokens=not (chat and getattr(tokenizer, "chat_template", None)))
+    prompt_ids = prompt_token_ids(tokenizer, prompt, chat=chat, system=system)
     sampler = make_sampler(temp=temperature, top_p=top_p, top_k=top_k)
     was_training = model.training
     model.eval()

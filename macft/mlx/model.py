@@ -8,110 +8,34 @@ PEFT can read too.
 """
 
 import json
-import math
-import os
-import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from macft.atomic import atomic_dir, atomic_files
+from macft.atomic import atomic_files
 from macft.errors import ModelLoadError
 
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's name
-PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's name
-ADAPTER_CONFIG = "adapter_config.json"  # shared by both
-
-
-@dataclass
-class PeftSettings:
-    fine_tune_type: str  # lora | dora | full
-    r: int = 0
-    lora_alpha: float = 0.0
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    target_modules: list[str] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)  # module paths inside a transformer block
-    num_layers: int = 0
-
-    @property
-    def scale(self) -> float:
-        if self.fine_tune_type == "full":
-            return 1.0
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-
-@dataclass
-class ModelInfo:
-    """What macft remembers about a loaded model (kept on ``model.macft``)."""
-
-    name_or_path: str  # what the user asked for
-    path: str  # the local directory the weights came from
-    config: dict
-    max_seq_length: int = 2048
-    load_bits: int | None = None  # 4 or 8 when quantized at load
-    peft: PeftSettings | None = None
-    gradient_checkpointing: bool = False
-    streaming_tokenizer: object = None  # mlx-lm's wrapper, made on first generation
+# Shared with cuda_bridge (macft/model_files.py); re-exported here for existing imports.
+from macft.model_files import (  # noqa: F401
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DEFAULT_TARGET_MODULES,
+    PEFT_WEIGHTS,
+    ModelInfo,
+    PeftSettings,
+    _gguf_as_hf_dir,
+    _hub_snapshot,
+    adapter_config,
+    peft_name,
+    resolve_model_path,
+    settings_dict,
+)
+from macft.model_files import lora_parameters as _mlx_lora_parameters
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def resolve_model_path(name_or_path) -> Path:
-    """A local model directory for a hub id, local HF/MLX dir, .gguf file, or None (default model)."""
-    if name_or_path is None:
-        from macft.default_model import default_model_dir
-
-        return default_model_dir("mlx")
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"model file does not exist: {path}")
-        return _gguf_as_hf_dir(path)
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"model path is not a directory or .gguf file: {path}")
-        if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
-            raise ModelLoadError(f"model directory has no config.json: {path}")
-        return path
-    if str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
-        raise ModelLoadError(f"model path does not exist: {name_or_path}")
-    return _hub_snapshot(str(name_or_path))
-
-
-def _gguf_as_hf_dir(gguf_path: Path) -> Path:
-    import hashlib
-
-    from convert import gguf_to_hf
-    from macft.default_model import cache_root
-
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
-    if not (out / "config.json").exists():
-        gguf_to_hf(gguf_path, out, exist_ok=True)
-    return out
-
-
-def _hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except LocalEntryNotFoundError as e:
-        raise ModelLoadError(
-            f"model {repo_id!r} is not a local path and is not in the Hugging Face cache "
-            f"(offline or unreachable hub): {e.__class__.__name__}"
-        ) from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelLoadError(f"could not fetch model {repo_id!r} from the hub: {e}") from None
 
 
 def default_dtype():
@@ -135,10 +59,9 @@ def load_pretrained(
 
     path = resolve_model_path(model_name)
     if (path / ADAPTER_CONFIG).exists() and not (path / "config.json").exists():
-        adapter_config = json.loads((path / ADAPTER_CONFIG).read_text())
-        base = adapter_config.get("base_model_name_or_path")
-        if not base:
-            raise ModelLoadError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path to load the base model from")
+        from macft.model_files import adapter_base
+
+        base = adapter_base(path)  # PEFT's base_model_name_or_path or mlx-lm's model
         model, tokenizer = load_pretrained(base, max_seq_length, dtype, load_in_4bit, load_in_8bit,
                                            trust_remote_code=trust_remote_code)
         load_adapter(model, path)
@@ -162,7 +85,7 @@ def load_pretrained(
         from macft.mlx.quantized import use_cpu_quantized_layers
 
         use_cpu_quantized_layers(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.macft = ModelInfo(name_or_path=str(model_name) if model_name else str(path), path=str(path),
@@ -233,10 +156,6 @@ def add_adapters(
     return model
 
 
-def _mlx_lora_parameters(settings: PeftSettings) -> dict:
-    return {"rank": settings.r, "scale": settings.scale, "dropout": settings.lora_dropout, "keys": settings.keys}
-
-
 def enable_gradient_checkpointing(model):
     """Recompute each transformer block in the backward pass instead of keeping its activations.
 
@@ -292,9 +211,12 @@ def save_adapter(model, directory, extra_config: dict | None = None):
         if settings.fine_tune_type == "full":
             save_full_model(model, tmp)
         else:
+            from macft.mlx.adapters import check_uniform
+
+            check_uniform(model)  # one rank and scale, or mlx-lm cannot read it back
             weights = dict(tree_flatten(model.trainable_parameters()))
             mx.save_safetensors(str(tmp / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
-            if settings.fine_tune_type == "lora":
+            if settings.fine_tune_type in ("lora", "dora"):  # DoRA's m is PEFT's lora_magnitude_vector
                 mx.save_safetensors(str(tmp / PEFT_WEIGHTS), _to_peft_names(weights), metadata={"format": "pt"})
             config = adapter_config(info)
             config.update(extra_config or {})
@@ -302,64 +224,16 @@ def save_adapter(model, directory, extra_config: dict | None = None):
     return Path(directory)
 
 
-def adapter_config(info: ModelInfo) -> dict:
-    s = info.peft
-    return {
-        # mlx-lm
-        "fine_tune_type": s.fine_tune_type,
-        "num_layers": s.num_layers,
-        "lora_parameters": _mlx_lora_parameters(s),
-        # PEFT
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": info.name_or_path,
-        "r": s.r,
-        "lora_alpha": s.lora_alpha,
-        "lora_dropout": s.lora_dropout,
-        "use_rslora": s.use_rslora,
-        "use_dora": s.fine_tune_type == "dora",
-        "target_modules": sorted({k.rsplit(".", 1)[-1] for k in s.keys}),
-        "layers_to_transform": list(range(info.config["num_hidden_layers"] - s.num_layers,
-                                          info.config["num_hidden_layers"])),
-        "bias": "none",
-        "inference_mode": True,
-        # macft
-        "macft_version": _version(),
-    }
-
-
 def _to_peft_names(weights: dict) -> dict:
     """mlx-lm stores lora_a as (in, r) and lora_b as (r, out); PEFT stores the transposes."""
-    out = {}
-    for name, value in weights.items():
-        prefix, leaf = name.rsplit(".", 1)
-        peft_leaf = {"lora_a": "lora_A.weight", "lora_b": "lora_B.weight"}[leaf]
-        out[f"base_model.model.{prefix}.{peft_leaf}"] = value.T
-    return out
+    return {peft_name(name): value.T for name, value in weights.items()}
 
 
 def load_adapter(model, directory):
-    """Apply an adapter directory (ours or mlx-lm's) to a loaded base model."""
-    from mlx_lm.tuner.utils import load_adapters
+    """Apply an adapter directory (ours, mlx-lm's / mlx-lm-lora's, or PEFT's) to a loaded base model."""
+    from macft.mlx.adapters import load_adapter_dir
 
-    directory = Path(directory)
-    config_path = directory / ADAPTER_CONFIG
-    if not config_path.exists():
-        raise ModelLoadError(f"adapter directory has no {ADAPTER_CONFIG}: {directory}")
-    if not (directory / ADAPTER_WEIGHTS).exists():
-        raise ModelLoadError(f"adapter directory has no {ADAPTER_WEIGHTS}: {directory}")
-    config = json.loads(config_path.read_text())
-    load_adapters(model, str(directory))
-    lora = config.get("lora_parameters", {})
-    rank = lora.get("rank", config.get("r", 0))
-    alpha = config.get("lora_alpha", lora.get("scale", 1.0) * rank)
-    model.macft.peft = PeftSettings(
-        fine_tune_type=config.get("fine_tune_type", "lora"), r=rank, lora_alpha=alpha,
-        lora_dropout=lora.get("dropout", 0.0), use_rslora=config.get("use_rslora", False),
-        keys=lora.get("keys") or [], target_modules=config.get("target_modules", []),
-        num_layers=config.get("num_layers", len(model.layers)),
-    )
-    return model
+    return load_adapter_dir(model, directory)
 
 
 def save_full_model(model, directory):
@@ -371,43 +245,16 @@ def save_full_model(model, directory):
     _copy_tokenizer_files(Path(model.macft.path), directory)
 
 
-def save_merged(model, tokenizer, directory, save_method: str = "merged_16bit"):
+def save_merged(model, tokenizer, directory, save_method: str = "merged_16bit", dtype: str | None = None):
     """Fuse the adapters into the base weights and save a model directory; ``model`` is untouched.
 
-    merged_16bit: float16 weights, dequantized; merged_4bit: re-quantized to 4 bits after
-    merging (costs some quality); lora: the adapter only.
+    merged_16bit: an HF directory (float16 unless ``dtype`` says otherwise) that transformers loads;
+    merged_4bit: MLX 4-bit, re-quantized after merging (costs some quality); lora: the adapter only.
+    The work is in ``macft.mlx.adapters`` and the backend-neutral writers in ``convert``.
     """
-    from mlx_lm.utils import dequantize_model, quantize_model, save_config, save_model
+    from macft.mlx.adapters import save_merged as save
 
-    if save_method == "lora":
-        return save_adapter(model, directory)
-    if save_method not in ("merged_16bit", "merged_4bit"):
-        raise ValueError(f"save_method {save_method!r}: expected merged_16bit, merged_4bit or lora")
-    info: ModelInfo = model.macft
-    # Merge into a fresh copy loaded the way the trained one was, so the user's model keeps its adapters.
-    merged, _ = load_pretrained(info.path, dtype=mx.float32, load_in_4bit=info.load_bits == 4,
-                                load_in_8bit=info.load_bits == 8)
-    if info.peft and info.peft.fine_tune_type != "full":
-        from mlx_lm.tuner.utils import linear_to_lora_layers
-
-        linear_to_lora_layers(merged, info.peft.num_layers, _mlx_lora_parameters(info.peft),
-                              use_dora=info.peft.fine_tune_type == "dora")
-    merged.load_weights(list(tree_flatten(model.trainable_parameters())), strict=False)
-    fused = [(name, m.fuse(dequantize=True)) for name, m in merged.named_modules() if hasattr(m, "fuse")]
-    if fused:
-        merged.update_modules(tree_unflatten(fused))
-    merged = dequantize_model(merged)
-    config = {k: v for k, v in merged.macft.config.items() if k not in ("quantization", "quantization_config")}
-    if save_method == "merged_16bit":
-        merged.set_dtype(mx.float16)
-    else:
-        warnings.warn("merged_4bit re-quantizes the merged weights: expect a small loss in quality", stacklevel=2)
-        merged, config = quantize_model(merged, config, group_size=64, bits=4)
-    with atomic_dir(directory) as tmp:
-        save_model(tmp, merged)
-        save_config(config, tmp / "config.json")
-        tokenizer.save_pretrained(tmp)
-    return Path(directory)
+    return save(model, tokenizer, directory, save_method=save_method, dtype=dtype)
 
 
 def _copy_tokenizer_files(src: Path, dst: Path):
@@ -417,13 +264,3 @@ def _copy_tokenizer_files(src: Path, dst: Path):
                  "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt"):
         if (src / name).exists():
             shutil.copy(src / name, dst / name)
-
-
-def _version() -> str:
-    import macft
-
-    return macft.__version__
-
-
-def settings_dict(model) -> dict:
-    return asdict(model.macft.peft) if model.macft.peft else {}

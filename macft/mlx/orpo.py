@@ -1,16 +1,9 @@
-"""Odds Ratio Preference Optimization on MLX (``algorithms.orpo``); TRL's ORPOTrainer.
-Reference-free; the NLL term is over the chosen completion tokens (the paper's choice)."""
+"""Odds Ratio Preference Optimization on MLX (``algorithms.orpo``); TRL's ORPOTrainer: the shared
+``macft.trainers.preference.ORPOAlgorithm`` on the MLX backend."""
 
-from algorithms.orpo import orpo_loss
-from macft.config import ORPOConfig
-from macft.mlx.preference import PairLogps, PreferenceTrainer
+from macft.mlx.preference import PreferenceTrainer
+from macft.trainers.preference import ORPOAlgorithm
 
 
-class ORPOTrainer(PreferenceTrainer):
-    metric_curves = PreferenceTrainer.metric_curves + (("nll_loss", "log_odds_ratio"),)
-
-    def default_config(self):
-        return ORPOConfig()
-
-    def pair_loss(self, pairs: PairLogps, reference=None):
-        return orpo_loss(pairs.chosen, pairs.chosen_mask, pairs.rejected, pairs.rejected_mask, beta=self.args.beta)
+class ORPOTrainer(ORPOAlgorithm, PreferenceTrainer):
+    pass

@@ -1,104 +1,22 @@
-"""RLHF in one run on MLX: train a reward model on preference pairs, then the policy with PPO against it.
+"""RLHF in one run on MLX: train a reward model on preference pairs, then the policy with PPO
+against it. The run is ``macft.trainers.rlhf.RLHFLogic`` over MLX's ``PPOTrainer``; this module
+builds MLX's reward model (a shared-weights copy of the reference base, its own LoRA, a head)."""
 
-Stage 1 (``RewardTrainer``): the reward model is the policy's base (a shared-weights copy of the
-reference, so no second copy of the weights) with its own LoRA adapter and a scalar head, trained
-for ``reward_max_steps`` at ``reward_learning_rate`` on the pairs; it is saved, with its own
-metrics and checkpoints, in ``output_dir/reward_model``.
-
-Stage 2 (``PPOTrainer``): PPO on the prompts of the same data (their ``prompt`` column, with the
-``system`` message where a row has one), scored by that reward model; the value model starts as
-the reward model (see ``macft.mlx.ppo``). The policy adapter is written to ``output_dir``.
-
-A resumed run whose reward model is complete loads it instead of training it again; otherwise the
-reward stage resumes from its own latest checkpoint.
-"""
-
-from pathlib import Path
-
-from macft.config import RewardConfig, RLHFConfig
-from macft.data import has_chat_template, load_prompt_dataset, load_rows
 from macft.mlx.ppo import PPOTrainer
 from macft.mlx.reward_model import RewardModel, RewardTrainer
-from macft.mlx.value_head import (HEAD_CONFIG, ValueHead, add_lora_like, base_model_copy, hidden_size, init_std_for,
+from macft.mlx.value_head import (ValueHead, add_lora_like, base_model_copy, hidden_size, init_std_for,
                                   load_scalar_weights)
-
-REWARD_MODEL_DIR = "reward_model"
-
-
-class RLHFTrainer(PPOTrainer):
-    """Reward model, then PPO. ``train_dataset``: preference pairs ({"prompt","chosen","rejected"})."""
-
-    def __init__(self, model, processing_class=None, args: RLHFConfig | None = None, train_dataset=None,
-                 eval_dataset=None, ref_model=None, tokenizer=None):
-        super().__init__(model, processing_class, args, train_dataset, eval_dataset, ref_model=ref_model,
-                         tokenizer=tokenizer)
-        self.reward_model = None  # trained in prepare()
-        self.reward_metrics: list[dict] = []
-        self._resuming = False
-
-    def _reward_model_comes_later(self) -> bool:
-        return True
-
-    def default_config(self):
-        return RLHFConfig()
-
-    @property
-    def reward_model_dir(self) -> Path:
-        return Path(self.args.output_dir) / REWARD_MODEL_DIR
-
-    def train(self, resume_from_checkpoint=None):
-        self._resuming = bool(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint)
-
-    def prepare(self):
-        self.ref_model = self._load_reference()  # loaded once, for both stages
-        self.reward_model = self.train_reward_model()
-        super().prepare()
-
-    def train_reward_model(self) -> RewardModel:
-        args: RLHFConfig = self.args
-        lm = add_lora_like(base_model_copy(self.policy, self.ref_model), self.policy.macft.peft, seed=args.seed)
-        reward_model = RewardModel(lm, ValueHead(hidden_size(lm), init_std=init_std_for(lm), seed=args.seed))
-        directory = self.reward_model_dir
-        if self._resuming and (directory / HEAD_CONFIG).exists():
-            load_scalar_weights(reward_model, directory)
-            return reward_model
-        config = RewardConfig(
-            output_dir=str(directory), seed=args.seed, learning_rate=args.reward_learning_rate,
-            max_steps=args.reward_max_steps, per_device_train_batch_size=args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm, lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
-            warmup_ratio=args.warmup_ratio, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
-            eval_batches=args.eval_batches, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-            disable_tqdm=args.disable_tqdm, max_length=self.policy.macft.max_seq_length or 1024,
-            center_rewards_coefficient=args.reward_center_rewards_coefficient)
-        trainer = RewardTrainer(reward_model, self.tokenizer, config, train_dataset=self.train_dataset,
-                                eval_dataset=self.eval_dataset)
-        resume = directory if self._resuming and trainer.run.latest_checkpoint() is not None else None
-        self.reward_metrics = trainer.train(resume_from_checkpoint=resume)
-        return trainer.reward_model
-
-    def _load_prompts(self):
-        """The pairs' prompts (a row's system message folded in, as the reward model saw it) and
-        their other columns, for PPO."""
-        data = self.train_dataset
-        if isinstance(data, (str, Path)):
-            path = Path(data)
-            self.data_files.append(path if path.is_file() else path / "train.jsonl")
-        rows = [_prompt_row(row, has_chat_template(self.tokenizer)) for row in load_rows(data, "train")]
-        examples, _ = load_prompt_dataset(rows, self.tokenizer, "train", max_prompt_length=self.args.max_prompt_length)
-        return examples
+from macft.trainers.rlhf import RLHFLogic
 
 
-def _prompt_row(row: dict, chat: bool) -> dict:
-    prompt = {k: v for k, v in row.items() if k not in ("chosen", "rejected", "system")}
-    system = row.get("system")
-    if system is None or "prompt" not in row:
-        return prompt
-    if not chat and isinstance(row["prompt"], str):
-        prompt["prompt"] = f"{system}\n\n{row['prompt']}"
-    elif isinstance(row["prompt"], str):
-        prompt["prompt"] = [{"role": "system", "content": system}, {"role": "user", "content": row["prompt"]}]
-    elif not row["prompt"] or row["prompt"][0].get("role") != "system":
-        prompt["prompt"] = [{"role": "system", "content": system}, *row["prompt"]]
-    return prompt
+class RLHFTrainer(RLHFLogic, PPOTrainer):
+    __doc__ = RLHFLogic.__doc__
+    reward_trainer_class = RewardTrainer
+
+    def new_reward_model(self) -> RewardModel:
+        seed = self.args.seed
+        lm = add_lora_like(base_model_copy(self.policy, self.ref_model), self.policy.macft.peft, seed=seed)
+        return RewardModel(lm, ValueHead(hidden_size(lm), init_std=init_std_for(lm), seed=seed))
+
+    def load_reward_weights(self, reward_model, directory):
+        load_scalar_weights(reward_model, directory)

@@ -5,22 +5,9 @@ times along the batch, so a group of G completions shares one prompt prefill, an
 sequence of every group decodes together, one token per step, until all have stopped.
 """
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 
-
-@dataclass
-class Rollout:
-    """Completions in prompt-major order: sample j of prompt i is row i * num_samples + j."""
-
-    prompt_index: list[int]
-    completion_ids: list[list[int]]  # ends with the EOS token when the model produced one
-    truncated: list[bool]  # stopped by max_tokens, not by EOS
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c) for c in self.completion_ids)
+from macft.rollout import Rollout, rollout_from_rows
 
 
 def sample_completions(model, prompts: list[list[int]], *, num_samples: int = 1, max_tokens: int = 256,
@@ -80,13 +67,7 @@ def has_plain_kv_cache(model) -> bool:
 
 
 def _rollout(token_rows, eos_ids: set, num_samples: int, num_prompts: int) -> Rollout:
-    completions, truncated = [], []
-    for row in token_rows:
-        stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
-        completions.append(row if stop is None else row[:stop + 1])
-        truncated.append(stop is None)
-    return Rollout(prompt_index=[i for i in range(num_prompts) for _ in range(num_samples)],
-                   completion_ids=completions, truncated=truncated)
+    return rollout_from_rows(token_rows, eos_ids, num_samples, num_prompts)
 
 
 def _one_prompt_at_a_time(model, prompts, *, num_samples, max_tokens, temperature, top_p, top_k, eos_token_ids,

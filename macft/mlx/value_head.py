@@ -16,18 +16,17 @@ model, the value model and the policy can each carry their own adapter on one co
 
 import copy
 import dataclasses
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
 from macft.errors import ModelLoadError
-
-HEAD_WEIGHTS = "value_head.safetensors"
-HEAD_CONFIG = "value_head.json"
+# Shared with cuda_bridge.value_head; re-exported for macft.mlx.ppo / rlhf / reward_model.
+from macft.trainers.value_head import (HEAD_CONFIG, HEAD_WEIGHTS, adapter_base_name, head_description,  # noqa: F401
+                                      hidden_size, init_std_for, pad_right, read_description, same_model,
+                                      write_description)
 
 
 def backbone(lm) -> nn.Module:
@@ -37,14 +36,6 @@ def backbone(lm) -> nn.Module:
         raise ModelLoadError(f"{type(lm).__module__}.{type(lm).__name__}: no `model` backbone to put a scalar "
                              "head on (an mlx-lm Model(model=backbone, lm_head) is expected)")
     return inner
-
-
-def hidden_size(lm) -> int:
-    config = lm.macft.config
-    size = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
-    if not size:
-        raise ModelLoadError("the model config has no hidden_size")
-    return int(size)
 
 
 class ValueHead(nn.Module):
@@ -85,11 +76,6 @@ class ScalarModel(nn.Module):
         hidden = backbone(self.lm)(input_ids)
         last = mx.take_along_axis(hidden, (lengths - 1).astype(mx.int32)[:, None, None], axis=1)
         return self.head(last[:, 0])
-
-
-def init_std_for(lm) -> float:
-    """HF's initialisation of a fresh classification head: normal with the config's initializer_range."""
-    return float(lm.macft.config.get("initializer_range") or 0.02)
 
 
 def shared_weights_copy(lm):
@@ -154,12 +140,7 @@ def save_scalar_model(model: ScalarModel, directory, extra: dict | None = None):
     with atomic_files(directory) as tmp:
         save_adapter(model.lm, tmp)
         mx.save_safetensors(str(tmp / HEAD_WEIGHTS), {"weight": model.head.weight}, metadata={"format": "mlx"})
-        info = model.lm.macft
-        description = {"kind": model.kind, "hidden_size": int(model.head.weight.shape[1]),
-                       "base_model_name_or_path": info.name_or_path,
-                       "fine_tune_type": info.peft.fine_tune_type if info.peft else None,
-                       "head_weights": HEAD_WEIGHTS, **(extra or {})}
-        (tmp / HEAD_CONFIG).write_text(json.dumps(description, indent=2, sort_keys=True))
+        write_description(tmp, head_description(model.kind, model.head.weight.shape[1], model.lm.macft, extra))
     return Path(directory)
 
 
@@ -172,14 +153,6 @@ def load_scalar_weights(model: ScalarModel, directory):
     model.head.weight = mx.load(str(directory / HEAD_WEIGHTS))["weight"]
 
 
-def read_description(directory) -> dict:
-    path = Path(directory) / HEAD_CONFIG
-    if not path.is_file():
-        raise ModelLoadError(f"{directory}: not a reward or value model directory (no {HEAD_CONFIG}); "
-                             "train one with `python -m macft.reward`")
-    return json.loads(path.read_text())
-
-
 def load_scalar_model(directory, model_class=ScalarModel, share_base_with=None):
     """Rebuild base + adapter + head from a directory written by ``save_scalar_model``.
 
@@ -187,14 +160,13 @@ def load_scalar_model(directory, model_class=ScalarModel, share_base_with=None):
     LM; when it is that same base, the adapter goes on a shared-weights copy of it instead of a
     second load. Returns (model, tokenizer-or-None), frozen and in eval mode.
     """
-    from macft.mlx.model import ADAPTER_CONFIG, load_adapter, load_pretrained
+    from macft.mlx.model import load_adapter, load_pretrained
 
     directory = Path(directory)
     read_description(directory)
     tokenizer = None
-    adapter_config = directory / ADAPTER_CONFIG
-    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path") if adapter_config.exists() else None
-    if base and share_base_with is not None and _same_model(base, share_base_with):
+    base = adapter_base_name(directory)
+    if base and share_base_with is not None and same_model(base, share_base_with):
         lm = base_model_copy(share_base_with)
         load_adapter(lm, directory)
     else:
@@ -206,20 +178,3 @@ def load_scalar_model(directory, model_class=ScalarModel, share_base_with=None):
     model.eval()
     mx.eval(model.parameters())
     return model, tokenizer
-
-
-def _same_model(name_or_path: str, lm) -> bool:
-    info = lm.macft
-    if name_or_path in (info.name_or_path, info.path):
-        return True
-    path = Path(name_or_path).expanduser()
-    return path.exists() and path.resolve() == Path(info.path).resolve()
-
-
-def pad_right(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (B, T) right-padded, lengths (B,)) as int32 numpy arrays."""
-    lengths = np.array([len(r) for r in rows], dtype=np.int32)
-    ids = np.full((len(rows), int(lengths.max())), pad_id, dtype=np.int32)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-    return ids, lengths

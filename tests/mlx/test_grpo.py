@@ -110,18 +110,18 @@ def test_the_rewarded_token_becomes_more_frequent(tiny_model_dir, tmp_path):
     model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.1)
     metrics = grpo(model, tokenizer, tmp_path, max_steps=10, num_generations=8, learning_rate=5e-4).train()
     steps = [m for m in metrics if "loss" in m]
-    rewards = [m["reward"] for m in steps]  # the rewarded token's share of the sampled tokens
+    rewards = [m["reward_mean"] for m in steps]  # the rewarded token's share of the sampled tokens
     assert len(rewards) == 10 and rewards[0] < 0.25
     # Measured over seeds 0-3: first three steps 0.27-0.33, last three 0.96-0.99.
     first, last = np.mean(rewards[:3]), np.mean(rewards[-3:])
     assert last > 0.8 and last > first + 0.4, rewards
     assert any(m["grad_norm"] > 0 for m in steps)
-    for key in ("loss", "reward", "reward_std", "rewards/token_reward/mean", "rewards/token_reward/std",
-                "completion_length", "clip_ratio", "frac_reward_zero_std", "rollout_tokens_per_sec",
+    for key in ("loss", "reward_mean", "reward_std", "rewards/token_reward/mean", "rewards/token_reward/std",
+                "completion_length", "clip_fraction", "frac_reward_zero_std", "rollout_tokens_per_sec",
                 "tokens_per_sec", "peak_memory_gb", "learning_rate"):
         assert all(key in m for m in steps), key
     assert all(m["completion_length"] <= 6 and m["rollout_tokens_per_sec"] > 0 for m in steps)
-    assert all(m["clip_ratio"] == 0 for m in steps)  # one iteration per rollout: ratio 1, nothing clips
+    assert all(m["clip_fraction"] == 0 for m in steps)  # one iteration per rollout: ratio 1, nothing clips
     assert "kl" not in steps[0]  # beta = 0
     run = tmp_path / "run"
     assert (run / "plots.png").stat().st_size > 0 and (run / "adapters.safetensors").exists()
@@ -132,9 +132,9 @@ def test_reused_rollouts_move_the_ratio_so_clipping_acts(tiny_model_dir, tmp_pat
     metrics = grpo(model, tokenizer, tmp_path, max_steps=3, num_iterations=3, learning_rate=0.1).train()
     steps = [m for m in metrics if "loss" in m]
     # Step 1 samples (ratio exactly 1); steps 2 and 3 replay the same rollout after updates.
-    assert steps[0]["clip_ratio"] == 0 and "reward" in steps[0]
-    assert all("reward" not in m for m in steps[1:])
-    assert max(m["clip_ratio"] for m in steps[1:]) > 0, steps
+    assert steps[0]["clip_fraction"] == 0 and "reward_mean" in steps[0]
+    assert all("reward_mean" not in m for m in steps[1:])
+    assert max(m["clip_fraction"] for m in steps[1:]) > 0, steps
 
 
 @pytest.mark.parametrize("train_type", ["lora", "full"])
@@ -168,7 +168,7 @@ def test_dapo_samples_equal_reward_groups_again(tiny_model_dir, tmp_path):
                    **PRESETS["dapo"])
     step = trainer.train()[0]
     assert reward.calls == 2 and step["sampling_rounds"] == 2 and step["kept_groups_frac"] == 1.0
-    assert step["reward"] == 0.0 and step["frac_reward_zero_std"] == 1.0  # the policy's own first sample
+    assert step["reward_mean"] == 0.0 and step["frac_reward_zero_std"] == 1.0  # the policy's own first sample
 
 
 def test_dapo_gives_up_after_max_rounds_with_a_warning(tiny_model_dir, tmp_path):
@@ -225,7 +225,7 @@ def test_resume_continues_the_same_rollouts(tiny_model_dir, tmp_path):
         resume_from_checkpoint=tmp_path / "a" / "run" / "checkpoints" / "step_2")
     assert [m["step"] for m in resumed] == [3, 4]
     for before, after in zip(full[2:], resumed):
-        assert after["reward"] == before["reward"] and after["completion_length"] == before["completion_length"]
+        assert after["reward_mean"] == before["reward_mean"] and after["completion_length"] == before["completion_length"]
         assert after["loss"] == pytest.approx(before["loss"], abs=1e-5)
 
 
@@ -265,8 +265,8 @@ def test_each_group_command_trains_end_to_end(tiny_model_dir, arith_dir, tmp_pat
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 2]  # two steps, then the evaluation on valid.jsonl
     assert all(f"rewards/{name}/mean" in metrics[0] for name in ("correctness_reward", "format_reward"))
-    assert "reward" in metrics[0] and "loss" in metrics[1]
-    assert {"eval_reward", "eval_rewards/correctness_reward/mean", "eval_completion_length"} <= set(metrics[2])
+    assert "reward_mean" in metrics[0] and "loss" in metrics[1]
+    assert {"eval_reward_mean", "eval_rewards/correctness_reward/mean", "eval_completion_length"} <= set(metrics[2])
     config = json.loads((out / "run.json").read_text())["config"]
     assert {k: config[k] for k in expected} == expected
     assert config["num_generations"] == 2 and config["max_completion_length"] == 3
@@ -343,8 +343,8 @@ def test_smollm2_learns_arithmetic_with_my_reward(smollm2_mlx_dir, tmp_path):
                       temperature=1.0, eval_batches=0, disable_tqdm=True, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=str(MY_REWARD), args=args,
                           train_dataset=str(REPO / "examples/data/arith"), processing_class=tokenizer)
-    steps = [m for m in trainer.train() if "reward" in m]
-    rewards = [m["reward"] for m in steps]
+    steps = [m for m in trainer.train() if "reward_mean" in m]
+    rewards = [m["reward_mean"] for m in steps]
     correct = [m["rewards/correctness_reward/mean"] for m in steps]
     assert len(rewards) == 30
     assert np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.2, rewards

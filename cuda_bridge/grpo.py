@@ -1,0 +1,34 @@
+"""GRPO and the variants that are its settings (GSPO, Dr. GRPO, DAPO) on the bridge.
+
+The trainer is ``macft.trainers.grpo.GRPOLogic`` (rollouts, rewards, DAPO's dynamic sampling,
+advantages, the loss, metrics) over ``cuda_bridge.trainer.Trainer``; rollouts decode with
+``cuda_bridge.sampling`` (one prefill per prompt, its KV cache repeated for the group). This
+module adds the completions' log-probs.
+"""
+
+import torch
+
+from cuda_bridge.logps import sequence_logps
+from cuda_bridge.online import TorchOnline
+from cuda_bridge.trainer import Trainer
+from macft.trainers.grpo import GRPOLogic, whole_sequence_layout
+
+
+def completion_logps(model, prompt_ids: list, completion_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """(N, C) float32 log-probs of each completion token given its prompt and the tokens before it.
+
+    Each row runs whole, [prompt | completion | padding], right-padded so causal attention keeps
+    the padding out of every real position, through the fused head + log-softmax (no (N, T, V)
+    logits); completion token j of row i is read at position len(prompt_i) - 1 + j.
+    """
+    ids, positions = whole_sequence_layout(prompt_ids, completion_ids.detach().cpu().numpy(), pad_id)
+    device = completion_ids.device
+    logps = sequence_logps(model, torch.as_tensor(ids, dtype=torch.long, device=device))
+    return logps.gather(1, torch.as_tensor(positions, device=device))
+
+
+class GRPOTrainer(GRPOLogic, TorchOnline, Trainer):
+    __doc__ = GRPOLogic.__doc__
+
+    def completion_logps(self, model, prompt_ids, completion_ids):
+        return completion_logps(model, prompt_ids, completion_ids, self.pad_id)

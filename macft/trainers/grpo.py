@@ -1,0 +1,384 @@
+"""GRPO and the variants that are its settings (GSPO, Dr. GRPO, DAPO): the backend-neutral trainer.
+
+One training step, for B = ``per_device_train_batch_size`` prompts and G = ``num_generations``:
+
+1. Rollout: G completions per prompt, all B x G decoded together with one shared prefill per
+   prompt (the backend's ``sample_completions``), with the policy as it is at that step.
+2. Rewards: every reward function scores every completion (``rewards.score_completions``);
+   DAPO's soft overlong punishment is added when ``overlong_buffer_length`` is set. With
+   ``dynamic_sampling`` (DAPO), the groups whose G rewards are all equal are sampled again, up to
+   ``max_sampling_rounds`` rounds; the groups still equal after that are dropped with a warning.
+3. Advantages per group (``algorithms.grpo.grpo_advantages``, ``scale_rewards``).
+4. Log-probs of the sampling policy (only when ``num_iterations`` > 1: with one iteration the
+   batch is on-policy and the ratio is 1, as in TRL) and of the reference (only when beta > 0:
+   the base with the adapters switched off, or a frozen copy after full fine-tuning).
+5. The clipped surrogate ``algorithms.grpo.grpo_loss`` with the config's loss_type, epsilon,
+   epsilon_high, importance_sampling_level and beta, on the backend's ``completion_logps``.
+
+Logged per step (metrics.jsonl): reward_mean, reward_std, rewards/<function>/mean and /std,
+frac_reward_zero_std (all of the policy's first sample of the step's prompts), completion_length,
+completion_truncated_frac, rollout_tokens_per_sec, clip_fraction (the share of completion tokens
+whose ratio was clipped; also TRL's clip_ratio/low_mean, /high_mean, /region_mean), kl when
+beta > 0, sampling_rounds and kept_groups_frac with dynamic sampling; the evaluation (validation
+prompts, one greedy completion each) logs eval_reward_mean.
+
+``num_iterations`` = μ > 1 reuses each rollout for μ optimizer steps: the ratio π/π_old then moves
+away from 1 and the clip acts. With ``gradient_accumulation_steps`` = k, k rollouts make one
+step and the same k are replayed μ times.
+
+Unlike TRL, where ``per_device_train_batch_size`` counts completions, here it counts prompts
+(as mlx-lm-lora's ``--batch-size`` does): a micro-batch holds B x G completions.
+
+Gradient accumulation follows TRL: micro-batches count equally for grpo, bnpo and dr_grpo; for
+dapo each counts by its completion tokens, so the loss is Σ m·ℓ / Σ m over the accumulated batch.
+
+``GRPOLogic`` is everything above; a backend class mixes it with its ``Trainer`` and its
+``OnlineBackend`` calls and adds ``completion_logps``. Imports neither mlx nor torch.
+"""
+
+import math
+import time
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+from algorithms.dapo import groups_with_mixed_rewards, mask_truncated_completions, soft_overlong_punishment
+from algorithms.grpo import LOSS_TYPES, grpo_advantages, grpo_loss
+from macft.config import ConfigError, GRPOConfig
+from macft.data import DataError, has_split, load_prompt_dataset
+from macft.rewards import RewardError, RewardFunction, load_reward_functions, score_completions
+from macft.trainers.online import as_completions, columns_of, data_file
+
+
+class RolloutBatch(NamedTuple):
+    """One micro-batch: B prompts x G completions, in the completion-only layout (column j is
+    completion token j; rows are right-padded, so causal attention never sees the pads)."""
+
+    prompt_ids: list  # B prompts, token-id lists; prompt i owns rows i*G ... i*G+G-1
+    completion_ids: object  # (N, C) completions, right-padded (backend int array)
+    completion_mask: object  # (N, C) 1.0 on the completion tokens that count in the loss
+    advantages: object  # (N,)
+    old_logps: object  # (N, C) under the sampling policy; None: on-policy
+    ref_logps: object  # (N, C) under the reference; None when beta == 0
+    num_tokens: int  # real tokens of the N sequences, prompt + completion
+    completion_tokens: float  # completion tokens left in the loss (after truncation masking)
+
+
+def completion_tensors(completions: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N, C) int32 right-padded with pad_id, mask (N, C) float32 of the real tokens)."""
+    width = max(1, max(len(c) for c in completions))
+    ids = np.full((len(completions), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(completions), width), dtype=np.float32)
+    for row, completion in enumerate(completions):
+        ids[row, :len(completion)] = completion
+        mask[row, :len(completion)] = 1.0
+    return ids, mask
+
+
+def whole_sequence_layout(prompt_ids: list, completion_ids: np.ndarray, pad_id: int = 0):
+    """Rows [prompt | completion | padding] for the G completions of each prompt, and the positions
+    of ``sequence_logps``'s output that score completion token j of row i (start_i + j).
+
+    Returns (input_ids (N, P+C) int32, positions (N, C) int64)."""
+    rows, width = completion_ids.shape
+    group = rows // len(prompt_ids)
+    longest = max(len(p) for p in prompt_ids)
+    input_ids = np.full((rows, longest + width), pad_id, dtype=np.int32)
+    positions = np.zeros((rows, width), dtype=np.int64)
+    for row in range(rows):
+        prompt = prompt_ids[row // group]
+        input_ids[row, :len(prompt)] = prompt
+        input_ids[row, len(prompt):len(prompt) + width] = completion_ids[row]
+        positions[row] = len(prompt) - 1 + np.arange(width)
+    return input_ids, positions
+
+
+class GRPOLogic:
+    """``GRPOTrainer(model, reward_funcs, args=GRPOConfig(...), train_dataset=rows, processing_class=tok)``.
+
+    reward_funcs: a callable, a built-in name (``numeric``...), ``"file.py[:NAME]"``, or a list of
+    them (``macft.rewards.load_reward_functions``); weights from ``args.reward_weights``. (A list
+    that load_reward_functions already returned is used as it is, weights included.)
+    train_dataset: rows with a ``prompt`` (string or messages) and any other columns, a JSONL
+    path, a data directory, or an HF Dataset; the other columns reach the reward functions.
+    """
+
+    metric_curves = (("reward_mean", "eval_reward_mean"), ("loss",), ("completion_length",), ("kl", "clip_fraction"))
+
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, tokenizer=None, **trl_only):
+        unused = sorted(k for k, v in trl_only.items() if v not in (None, (None, None), []))
+        if unused:
+            warnings.warn(f"GRPOTrainer ignores {', '.join(unused)} (TRL-only arguments)", stacklevel=2)
+        super().__init__(model, processing_class=processing_class, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, tokenizer=tokenizer)
+        if reward_funcs is None:
+            raise TypeError("GRPOTrainer needs reward_funcs=")
+        if train_dataset is None:
+            raise TypeError("GRPOTrainer needs train_dataset=")
+        loaded = isinstance(reward_funcs, list) and reward_funcs and all(isinstance(f, RewardFunction)
+                                                                         for f in reward_funcs)
+        self.reward_functions = reward_funcs if loaded else load_reward_functions(reward_funcs,
+                                                                                   self.args.reward_weights)
+        self._check_config()
+
+    def default_config(self):
+        return GRPOConfig()
+
+    def _check_config(self):
+        a: GRPOConfig = self.args
+        if a.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 (advantages compare completions of one prompt), "
+                              f"got {a.num_generations}")
+        choices = {"loss_type": LOSS_TYPES, "scale_rewards": ("group", "batch", "none", True, False),
+                   "importance_sampling_level": ("token", "sequence")}
+        for name, allowed in choices.items():
+            if getattr(a, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(a, name)!r}: expected one of "
+                                  f"{', '.join(str(x) for x in allowed if not isinstance(x, bool))}")
+        if a.num_iterations < 1:
+            raise ConfigError(f"num_iterations must be >= 1, got {a.num_iterations}")
+        if a.max_completion_length < 1:
+            raise ConfigError(f"max_completion_length must be >= 1, got {a.max_completion_length}")
+        if a.overlong_buffer_length is not None and not 0 <= a.overlong_buffer_length <= a.max_completion_length:
+            raise ConfigError(f"overlong_buffer_length must lie in [0, max_completion_length="
+                              f"{a.max_completion_length}], got {a.overlong_buffer_length}")
+
+    # -- the backend's part (besides OnlineBackend's calls)
+    def completion_logps(self, model, prompt_ids: list, completion_ids):
+        """(N, C) log-probs of each completion token given its prompt and the tokens before it."""
+        raise NotImplementedError
+
+    # -- data
+    def prepare(self):
+        a: GRPOConfig = self.args
+        data = self.train_dataset
+        self.data_files.extend(data_file(data))
+        self.examples, self.data_stats = load_prompt_dataset(data, self.tokenizer, split="train",
+                                                             max_prompt_length=a.max_prompt_length)
+        if not self.examples:
+            raise DataError("the training data has no prompt")
+        eval_source, eval_split = self.eval_dataset, "train"
+        if eval_source is None and data_file(data) and has_split(data, "valid"):
+            eval_source, eval_split = data, "valid"
+        self.eval_examples = [] if eval_source is None else load_prompt_dataset(
+            eval_source, self.tokenizer, split=eval_split, max_prompt_length=a.max_prompt_length)[0]
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_ids = [] if eos is None else [int(eos)]
+        # π_ref: the adapters-off base for LoRA/DoRA (None here), a frozen copy after full fine-tuning.
+        self.reference = self.make_reference() if a.beta != 0.0 else None
+        self._step_rollouts = []
+
+    def _prompt_batches(self, epoch: int) -> list[list]:
+        order = np.random.default_rng([self.args.seed, epoch]).permutation(len(self.examples))
+        size = self.args.per_device_train_batch_size
+        return [[self.examples[i] for i in order[start:start + size]] for start in range(0, len(order), size)]
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / self.args.per_device_train_batch_size) * self.args.num_iterations
+
+    def micro_batches(self, epoch: int, skip: int = 0):
+        """k = gradient_accumulation_steps rollouts, each generated when first needed, then the same
+        k replayed num_iterations times. After a resume inside a replay the rollout is sampled
+        again with the current policy (rollouts are not checkpointed)."""
+        accumulate, iterations = self.args.gradient_accumulation_steps, self.args.num_iterations
+        batches = self._prompt_batches(epoch)
+        index = 0
+        for chunk_start in range(0, len(batches), accumulate):
+            chunk = batches[chunk_start:chunk_start + accumulate]
+            rollouts = [None] * len(chunk)
+            for _ in range(iterations):
+                for j, examples in enumerate(chunk):
+                    if index >= skip:
+                        if rollouts[j] is None:
+                            rollouts[j] = self._rollout(examples, seed=(self.args.seed, epoch, chunk_start + j))
+                        yield rollouts[j]
+                    index += 1
+
+    def batch_weight(self, batch: RolloutBatch) -> float:
+        if self.args.loss_type == "dapo":
+            # Token-level mean over the accumulated batch. A micro-batch whose completions were all
+            # masked (truncated) has nothing to train on but must not stop the step.
+            return max(batch.completion_tokens, 1e-6)
+        return 1.0
+
+    def batch_tokens(self, batch: RolloutBatch) -> int:
+        return batch.num_tokens
+
+    # -- rollout
+    def _rollout(self, examples, seed) -> RolloutBatch:
+        a: GRPOConfig = self.args
+        group = a.num_generations
+        self.seed_sampling(int(np.random.default_rng(list(seed)).integers(2**31)))
+        started = time.perf_counter()
+        completions, truncated, generated = self._sample(examples)
+        rewards, per_function = self._score(examples, completions, truncated)
+        first_rewards, first_per_function, first_completions, first_truncated = (
+            rewards.copy(), per_function, list(completions), list(truncated))
+
+        rounds, keep = 1, np.ones(len(examples), dtype=bool)
+        if a.dynamic_sampling:
+            keep = self._mixed_groups(rewards, group)
+            while not keep.all() and rounds < a.max_sampling_rounds:
+                rounds += 1
+                redo = [i for i in range(len(examples)) if not keep[i]]
+                new_completions, new_truncated, new_tokens = self._sample([examples[i] for i in redo])
+                generated += new_tokens
+                new_rewards, _ = self._score([examples[i] for i in redo], new_completions, new_truncated)
+                for slot, i in enumerate(redo):
+                    rows, new_rows = slice(i * group, (i + 1) * group), slice(slot * group, (slot + 1) * group)
+                    completions[rows], truncated[rows] = new_completions[new_rows], new_truncated[new_rows]
+                    rewards[rows] = new_rewards[new_rows]
+                keep = self._mixed_groups(rewards, group)
+            if not keep.all():
+                kept = int(keep.sum())
+                what = (f"training on the {kept} groups with mixed rewards" if kept else
+                        "training on all of them (this step has no policy gradient)")
+                warnings.warn(f"DAPO dynamic sampling: after {rounds} sampling rounds, {len(keep) - kept} of "
+                              f"{len(keep)} prompt groups still have equal rewards; {what}. Raise "
+                              f"max_sampling_rounds or num_generations, or check the reward functions.",
+                              stacklevel=2)
+                if not kept:
+                    keep[:] = True
+        rollout_seconds = time.perf_counter() - started
+
+        rows = np.repeat(keep, group)
+        kept_examples = [e for e, k in zip(examples, keep) if k]
+        completions = [c for c, r in zip(completions, rows) if r]
+        truncated = [t for t, r in zip(truncated, rows) if r]
+        advantages, _ = grpo_advantages(self.to_array(rewards[rows]), group, scale_rewards=a.scale_rewards)
+        batch = self.make_rollout_batch(kept_examples, completions, truncated, advantages)
+
+        self._record(first_rewards, first_per_function, first_completions, first_truncated, generated,
+                     rollout_seconds, rounds, float(keep.mean()))
+        return batch
+
+    def _mixed_groups(self, rewards: np.ndarray, group: int) -> np.ndarray:
+        grouped = self.to_array(rewards.reshape(-1, group))
+        return np.asarray(self.to_numpy(groups_with_mixed_rewards(grouped)), dtype=bool)
+
+    def _sample(self, examples):
+        a: GRPOConfig = self.args
+        rollout = self.sample(self.model, [e.prompt_ids for e in examples], num_samples=a.num_generations,
+                              max_tokens=a.max_completion_length, temperature=a.temperature, top_p=a.top_p,
+                              top_k=a.top_k, eos_token_ids=self.eos_ids, pad_id=self.pad_id)
+        return list(rollout.completion_ids), list(rollout.truncated), rollout.num_tokens
+
+    def _score(self, examples, completions, truncated, group=None, during=None):
+        """(total reward (N,), each function's scores) for completions in prompt-major order."""
+        a: GRPOConfig = self.args
+        group = group or a.num_generations
+        during = during or f"step {self.state['step'] + 1}"
+        prompts = [e.prompt for e in examples for _ in range(group)]
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+        columns = columns_of(examples, repeat=group)
+        columns["completion_ids"] = completions  # as TRL passes them
+        try:
+            total, per_function = score_completions(self.reward_functions, prompts, as_completions(prompts, texts),
+                                                    columns)
+        except RewardError as e:
+            latest = self.run.latest_checkpoint()
+            kept = (f"the last checkpoint, {latest.relative_to(self.run.path)}, is intact (--resume continues "
+                    "from it)" if latest else "no checkpoint had been written yet")
+            raise RewardError(f"{during}: {e}. The run stopped; {kept}") from e
+        if a.overlong_buffer_length is not None:
+            lengths = self.to_array(np.array([len(c) for c in completions], dtype=np.float32))
+            penalty = self.to_numpy(soft_overlong_punishment(lengths, a.max_completion_length,
+                                                             a.overlong_buffer_length))
+            penalty = a.overlong_penalty_factor * np.asarray(penalty, dtype=np.float64)
+            per_function["overlong_punishment"] = penalty
+            total = total + penalty
+        return total, per_function
+
+    def make_rollout_batch(self, examples, completions, truncated, advantages) -> RolloutBatch:
+        """Pack the completions, mask truncated ones (DAPO), and score them under the sampling
+        policy (num_iterations > 1) and the reference (beta > 0), without the gradient."""
+        a: GRPOConfig = self.args
+        prompt_ids = [list(e.prompt_ids) for e in examples]
+        ids, mask = completion_tensors(completions, self.pad_id)
+        completion_ids, completion_mask = self.to_array(ids, "int32"), self.to_array(mask)
+        if a.mask_truncated_completions:
+            completion_mask = mask_truncated_completions(completion_mask, self.to_array(np.array(truncated), "bool"))
+        old_logps = ref_logps = None
+        with self.no_gradient():
+            if a.num_iterations > 1:
+                old_logps = self.frozen(self.completion_logps(self.model, prompt_ids, completion_ids))
+            if a.beta != 0.0:
+                with self.reference_policy(self.model, self.reference) as reference:
+                    ref_logps = self.frozen(self.completion_logps(reference, prompt_ids, completion_ids))
+        num_tokens = sum(len(p) for p in prompt_ids) * a.num_generations + sum(len(c) for c in completions)
+        return RolloutBatch(prompt_ids, completion_ids, completion_mask, advantages, old_logps, ref_logps,
+                            num_tokens, float(np.asarray(self.to_numpy(completion_mask)).sum()))
+
+    def _record(self, rewards, per_function, completions, truncated, generated, seconds, rounds, kept):
+        """This step's rollout metrics (averaged over its accumulated rollouts) in self.step_metrics.
+
+        The rewards are those of the policy's first sample of the step's prompts, before dynamic
+        sampling picks groups, so the reward curve tracks the policy itself."""
+        group = self.args.num_generations
+        _, stats = grpo_advantages(self.to_array(rewards), group, scale_rewards="group")
+        lengths = np.array([len(c) for c in completions], dtype=np.float64)
+        record = {"reward_mean": float(stats["reward"]), "reward_std": float(stats["reward_std"]),
+                  "frac_reward_zero_std": float(stats["frac_reward_zero_std"])}
+        for name, scores in per_function.items():
+            finite = scores[np.isfinite(scores)]
+            if finite.size:
+                record[f"rewards/{name}/mean"] = float(finite.mean())
+                record[f"rewards/{name}/std"] = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+        record.update({"completion_length": float(lengths.mean()), "completion_length_max": float(lengths.max()),
+                       "completion_truncated_frac": float(np.mean(truncated))})
+        if self.args.dynamic_sampling:
+            record.update({"sampling_rounds": float(rounds), "kept_groups_frac": kept})
+        if not self.step_metrics:  # the base clears step_metrics after each optimizer step
+            self._step_rollouts = []
+        self._step_rollouts.append((record, generated, seconds))
+        records = [r for r, _, _ in self._step_rollouts]
+        merged = {k: float(np.mean([r[k] for r in records if k in r])) for k in records[-1]}
+        tokens = sum(g for _, g, _ in self._step_rollouts)
+        elapsed = sum(s for _, _, s in self._step_rollouts)
+        merged.update({"rollout_tokens": tokens, "rollout_time_s": elapsed,
+                       "rollout_tokens_per_sec": tokens / elapsed if elapsed > 0 else 0.0})
+        self.step_metrics = merged
+
+    # -- evaluation
+    def evaluate(self) -> dict:
+        """Mean reward of one greedy completion per validation prompt (up to eval_batches batches)."""
+        a: GRPOConfig = self.args
+        examples = self.eval_examples if a.eval_batches < 0 else self.eval_examples[:a.eval_batches * a.eval_batch_size]
+        if not examples:
+            return {}
+        totals, scores, lengths = [], {}, []
+        for start in range(0, len(examples), a.eval_batch_size):
+            chunk = examples[start:start + a.eval_batch_size]
+            rollout = self.sample(self.model, [e.prompt_ids for e in chunk], num_samples=1,
+                                  max_tokens=a.max_completion_length, temperature=0.0,
+                                  eos_token_ids=self.eos_ids, pad_id=self.pad_id)
+            total, per_function = self._score(chunk, rollout.completion_ids, rollout.truncated, group=1,
+                                              during=f"evaluation after step {self.state['step']}")
+            totals.extend(total)
+            lengths.extend(len(c) for c in rollout.completion_ids)
+            for name, values in per_function.items():
+                scores.setdefault(name, []).extend(values)
+        result = {"eval_reward_mean": float(np.mean(totals)), "eval_completion_length": float(np.mean(lengths))}
+        for name, values in scores.items():
+            finite = np.array(values)[np.isfinite(values)]
+            if finite.size:
+                result[f"eval_rewards/{name}/mean"] = float(finite.mean())
+        return result
+
+    # -- loss
+    def loss(self, model, prompt_ids, completion_ids, completion_mask, advantages, old_logps, ref_logps,
+             num_tokens=0, completion_tokens=0.0):
+        a: GRPOConfig = self.args
+        logps = self.completion_logps(model, prompt_ids, completion_ids)
+        loss, metrics = grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=ref_logps, beta=a.beta,
+                                  epsilon=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
+                                  importance_sampling_level=a.importance_sampling_level,
+                                  max_completion_length=a.max_completion_length)
+        # min/max over sequences do not average across micro-batches: keep the means.
+        metrics = {k: v for k, v in metrics.items() if not k.endswith(("_min", "_max"))}
+        metrics["clip_fraction"] = metrics["clip_ratio/region_mean"]
+        return loss, metrics

@@ -1,0 +1,574 @@
+"""The training loop every trainer on every backend runs: written once, backend-neutral.
+
+A trainer subclass says what a batch is and what its loss is (``micro_batches``, ``loss``); a
+backend base class (``macft.mlx.trainer.Trainer``, ``cuda_bridge.trainer.Trainer``) says how to
+take a gradient step on its arrays (the ``backend hooks`` below). This module does the rest:
+the learning-rate schedule, grouping micro-batches into accumulated steps across epochs,
+evaluation, the progress bar, metrics.jsonl, checkpoints, resume and run.json.
+
+What keeps a run alive (issue 8), here so that every trainer on both backends has it:
+
+- Exact resume: a checkpoint holds the weights, the optimizer state, the step (the schedule's
+  position) and the data position (epoch, micro-batch in epoch); randomness is reseeded from
+  (seed, step) every step, and online trainers seed their rollouts from (seed, epoch, index), so
+  there is no generator state to save and a resumed run draws the numbers the uninterrupted one
+  would have. ``trainer_state.json`` records the config and the data hashes; a resume under a
+  different seed or batch layout is an error naming the field, other differences are warnings.
+- SIGINT/SIGTERM: the current step finishes, a checkpoint is written and ``TrainingInterrupted``
+  (exit code 128 + signal) says how to resume. A second signal stops at once. SIGKILL at any
+  moment leaves the previous checkpoint intact (checkpoints appear by rename only).
+- Numerics guard: a non-finite loss or gradient norm skips the step (no update, a warning, a
+  ``"skipped": true`` record); ``nan_patience`` such steps in a row stop the run with a
+  ``TrainingError`` naming the step and the checkpoint to resume from.
+- Disk: before training, the output directory must be writable (a probe file) and hold about one
+  checkpoint; a write that fails later (disk full, read-only, permissions) is a ``TrainingError``
+  naming the path, with the temp files removed and the previous checkpoint intact.
+
+It imports neither mlx nor torch.
+"""
+
+import errno
+import json
+import math
+import random
+import shlex
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from macft.atomic import atomic_write_json
+from macft.config import TrainingConfig
+from macft.errors import TrainingError, TrainingInterrupted
+from macft.run_dir import RunDirectory, file_sha256, format_bytes, learning_rate_at, model_files_facts
+
+TRAINER_STATE = "trainer_state.json"
+
+# Config fields a resume may change without warning: where and how often things are written, and
+# how long to train.
+_RESUME_FREE_FIELDS = {"output_dir", "max_steps", "num_train_epochs", "logging_steps", "eval_steps", "eval_batches",
+                       "per_device_eval_batch_size", "save_steps", "save_total_limit", "report_to", "disable_tqdm",
+                       "nan_patience", "logging_dir", "dataloader_num_workers", "use_cpu", "bf16", "fp16"}
+# Fields that fix the data position and the random streams: a resume that changes them cannot
+# continue the same run.
+_RESUME_FIXED_FIELDS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
+                        "num_iterations", "num_ppo_epochs", "num_mini_batches")
+# Failed writes that are the machine's state, not a bug: reported as a TrainingError naming the path.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+class TrainingLoop:
+    """Base of every trainer. Algorithm subclasses implement the data and loss hooks; backend
+    subclasses implement the backend hooks."""
+
+    backend = ""  # "mlx" or "cuda", for run.json
+    metric_curves = (("loss", "eval_loss"), ("learning_rate",), ("grad_norm",))
+
+    def __init__(self, model, processing_class=None, args: TrainingConfig | None = None,
+                 train_dataset=None, eval_dataset=None, tokenizer=None):
+        if not hasattr(model, "macft"):
+            raise TypeError("model must come from macft's FastLanguageModel.from_pretrained")
+        self.model = model
+        self.tokenizer = processing_class or tokenizer
+        if self.tokenizer is None:
+            raise TypeError("pass the tokenizer as processing_class=")
+        self.args = args or self.default_config()
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
+        self.run = RunDirectory(self.args.output_dir)
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+        self.resumed_from: Path | None = None
+        self.step_metrics: dict = {}
+        self.data_files: list = []
+
+    # -- data and loss hooks (algorithm subclasses)
+    def default_config(self) -> TrainingConfig:
+        return TrainingConfig()
+
+    def prepare(self):
+        """Load and tokenize data; called once at the start of train()."""
+
+    def steps_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def micro_batches(self, epoch: int, skip: int = 0):
+        """Yields the micro-batches of one epoch after the first ``skip`` (already trained before a
+        resume), in an order that depends only on (seed, epoch): tuples of backend arrays. Online
+        trainers generate here, lazily, so each rollout uses the policy as it is at that step;
+        metrics they measure on the way (rewards, lengths) go into ``self.step_metrics``."""
+        raise NotImplementedError
+
+    def batch_weight(self, batch) -> float:
+        """How much a micro-batch counts in its accumulated step (SFT: its target-token count)."""
+        return 1.0
+
+    def batch_tokens(self, batch) -> int:
+        return 0
+
+    def loss(self, model, *batch):
+        """Returns (loss, metrics dict of scalar arrays) for one micro-batch."""
+        raise NotImplementedError
+
+    def evaluate_batches(self):
+        """Yields evaluation micro-batches; none by default."""
+        return iter(())
+
+    # -- backend hooks (macft.mlx.trainer.Trainer, cuda_bridge.trainer.Trainer)
+    def seed(self, seed: int):
+        """Seed the backend's random generator (and numpy's)."""
+        raise NotImplementedError
+
+    def begin_training(self):
+        """Check there is something to train, switch to training mode, make ``self.optimizer``."""
+        raise NotImplementedError
+
+    def compute_gradients(self, micro: list) -> tuple[float, dict, float]:
+        """Accumulate the gradient over one step's micro-batches (each counts ``batch_weight / sum of
+        weights``) and keep it for ``apply_gradients``; return (loss, metrics, grad_norm) as floats,
+        the norm taken before clipping."""
+        raise NotImplementedError
+
+    def apply_gradients(self, learning_rate: float):
+        """Clip the kept gradient to ``max_grad_norm`` and take the optimizer step."""
+        raise NotImplementedError
+
+    def discard_gradients(self):
+        """Drop the kept gradient without stepping (a non-finite step is skipped)."""
+        raise NotImplementedError
+
+    def evaluation_loss(self, batch) -> tuple[float, dict]:
+        """(loss, metrics) of one batch without gradients, as floats."""
+        raise NotImplementedError
+
+    def set_training_mode(self, training: bool):
+        self.model.train(training)
+
+    def reset_peak_memory(self):
+        pass
+
+    def peak_memory_gb(self) -> float:
+        return 0.0
+
+    def device_name(self) -> str:
+        return "cpu"
+
+    def save_model(self, directory):
+        raise NotImplementedError
+
+    def load_model_weights(self, directory):
+        """Restore the trained weights that ``save_model`` wrote (on resume)."""
+        raise NotImplementedError
+
+    def save_optimizer_state(self, directory: Path):
+        raise NotImplementedError
+
+    def load_optimizer_state(self, directory: Path):
+        raise NotImplementedError
+
+    def checkpoint_size_estimate(self) -> int:
+        """Bytes one checkpoint takes on disk (weights as saved + optimizer state), for the
+        free-space check before training; 0 where unknown (the check is then skipped)."""
+        return 0
+
+    def trainable_weights_finite(self) -> bool:
+        """Whether every trained weight is finite (checked before a checkpoint is written after
+        non-finite steps, so a good checkpoint is never replaced by a broken one)."""
+        return True
+
+    def model_facts(self) -> dict:
+        """What run.json records about the model."""
+        from dataclasses import asdict
+
+        info = self.model.macft
+        return {"name_or_path": info.name_or_path, "path": info.path, "load_bits": info.load_bits,
+                "peft": asdict(info.peft) if info.peft else {}, "model_type": info.config.get("model_type"),
+                "gradient_checkpointing": info.gradient_checkpointing}
+
+    # -- the loop
+    def total_steps(self) -> int:
+        if self.args.max_steps and self.args.max_steps > 0:
+            return self.args.max_steps
+        per_epoch = math.ceil(self.steps_per_epoch() / self.args.gradient_accumulation_steps)
+        return max(1, math.ceil(per_epoch * self.args.num_train_epochs))
+
+    def learning_rate(self, step: int) -> float:
+        total = self.total_steps()
+        warmup = self.args.warmup_steps or int(self.args.warmup_ratio * total)
+        return learning_rate_at(step, peak=self.args.learning_rate, total_steps=total, warmup_steps=warmup,
+                                schedule=self.args.lr_scheduler_type)
+
+    def train(self, resume_from_checkpoint=None):
+        from tqdm import tqdm
+
+        self.run.check_writable()  # before the (possibly long) data preparation
+        self.seed(self.args.seed)
+        np.random.seed(self.args.seed % (2**32))
+        random.seed(self.args.seed)
+        self.prepare()
+        self.begin_training()
+        self.run.check_free_space(self.checkpoint_size_estimate(), what="one checkpoint")
+        self.run.remove_stale_temp()
+        if resume_from_checkpoint:
+            self.load_checkpoint(resume_from_checkpoint)
+        else:
+            self._disk_write(self.run.metrics_path, lambda: self.run.metrics_path.unlink(missing_ok=True))
+        self._disk_write(self.run.path / "run.json", self.write_run_json)
+
+        total = self.total_steps()
+        batches = self._step_batches()
+        bar = tqdm(total=total, initial=self.state["step"], desc=type(self).__name__, unit="step",
+                   disable=self.args.disable_tqdm, dynamic_ncols=True)
+        self.reset_peak_memory()
+        stop = _StopRequest(bar)
+        nonfinite = []  # the steps skipped in a row
+        try:
+            stop.install()
+            while self.state["step"] < total:
+                step = self.state["step"]
+                micro = next(batches)
+                self._reseed(step)
+                started = time.perf_counter()
+                loss, metrics, grad_norm = self.compute_gradients(micro)
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if finite:
+                    self.apply_gradients(self.learning_rate(step))
+                    nonfinite = []
+                else:
+                    self.discard_gradients()
+                    nonfinite.append(step + 1)
+                elapsed = time.perf_counter() - started
+                self.state["step"] = step + 1
+                record = self._step_record(step, micro, loss, metrics, grad_norm, elapsed)
+                if not finite:
+                    record["skipped"] = True
+                    self._warn(f"step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}; skipped the "
+                               f"step ({len(nonfinite)} of nan_patience={self.args.nan_patience} in a row)")
+                if not finite or (step + 1) % max(1, self.args.logging_steps) == 0 or step + 1 == total:
+                    self._disk_write(self.run.metrics_path, lambda: self.run.log(record))
+                if len(nonfinite) >= self.args.nan_patience:
+                    self._stop_after_nonfinite(nonfinite)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+                bar.update(1)
+                if stop.signum is not None:
+                    raise self._interrupted(stop.signum)
+                if self.args.eval_steps and (step + 1) % self.args.eval_steps == 0 and step + 1 < total:
+                    self.evaluate_and_log()
+                if self.args.save_steps and (step + 1) % self.args.save_steps == 0 and step + 1 < total:
+                    self.save_checkpoint()
+        finally:
+            stop.restore()
+            bar.close()  # so an error message starts on its own line
+        self.evaluate_and_log()
+        self.save_checkpoint()
+        self._disk_write(self.args.output_dir, lambda: self.save_model(self.args.output_dir))
+        self._disk_write(self.run.path / "plots.png", lambda: self.run.plot(list(self.metric_curves)))
+        self.set_training_mode(False)
+        return self.run.read_metrics()
+
+    def _reseed(self, step: int):
+        """Randomness (dropout, anything drawing from numpy's or Python's global generator) is a
+        function of (seed, step), so a resumed run draws what the uninterrupted one would have,
+        with no generator state to save."""
+        seed = (self.args.seed * 1_000_003 + step) % (2**32)
+        self.seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+    def _step_record(self, step, micro, loss, metrics, grad_norm, elapsed) -> dict:
+        tokens = sum(self.batch_tokens(b) for b in micro)
+        record = {"step": step + 1, "epoch": round(self.state["epoch"] + self.state["batch_in_epoch"]
+                                                   / max(1, self.steps_per_epoch()), 4),
+                  "loss": loss, "learning_rate": self.learning_rate(step), "grad_norm": grad_norm,
+                  "tokens": tokens, "tokens_per_sec": tokens / elapsed if elapsed > 0 else 0.0,
+                  "step_time_s": elapsed, "peak_memory_gb": self.peak_memory_gb(), **metrics, **self.step_metrics}
+        self.step_metrics = {}
+        return record
+
+    def _warn(self, message: str):
+        warnings.warn(message, TrainingWarning, stacklevel=3)
+
+    def _stop_after_nonfinite(self, steps: list[int]):
+        """``nan_patience`` non-finite steps in a row: stop, keeping the last good state.
+
+        No update was applied in the skipped steps, so the weights are still those of the last good
+        step: they are checkpointed (with the data position past the bad batches) unless they are
+        themselves not finite, in which case nothing is written and the previous checkpoint stands."""
+        last_good = steps[0] - 1
+        previous = self.run.latest_checkpoint()
+        if self.trainable_weights_finite():
+            saved = self.save_checkpoint()
+            kept = (f"the weights of step {last_good} (the last good update) are saved in {saved}; --resume "
+                    f"continues after the skipped batches")
+        else:
+            kept = (f"the weights are not finite, so no checkpoint was written; the last good checkpoint is "
+                    f"{previous}" if previous else "the weights are not finite and no checkpoint had been written")
+        raise TrainingError(
+            f"step {steps[-1]}: the loss or gradient was not finite for {len(steps)} steps in a row (steps "
+            f"{steps[0]}-{steps[-1]}, nan_patience={self.args.nan_patience}); the run stopped. {kept}. Lower "
+            f"--learning-rate, check the data, or raise --nan-patience")
+
+    def _interrupted(self, signum: int) -> TrainingInterrupted:
+        saved = self.save_checkpoint()
+        name = signal.Signals(signum).name
+        return TrainingInterrupted(
+            f"interrupted at step {self.state['step']} by {name}; checkpoint saved to {saved}; resume with: "
+            f"{resume_command(sys.argv, saved)}", exit_code=128 + signum, checkpoint=saved)
+
+    def _disk_write(self, path, write):
+        """Run ``write()``; a failure of the disk (full, read-only, permissions) becomes a TrainingError
+        naming ``path`` and the checkpoint that is still intact."""
+        try:
+            return write()
+        except (OSError, RuntimeError) as e:
+            if not _is_disk_error(e):
+                raise
+            where = getattr(e, "filename", None) or path
+            free = self.run.free_bytes()
+            latest = self.run.latest_checkpoint()
+            kept = f"the last checkpoint, {latest}, is intact" if latest else "no checkpoint had been written yet"
+            raise TrainingError(f"cannot write {where}: {getattr(e, 'strerror', None) or e} "
+                                f"({format_bytes(free)} free on that disk); nothing partial was left behind and "
+                                f"{kept}. Free some space or choose another --adapter-path/output_dir") from e
+
+    def _step_batches(self):
+        """Groups micro-batches into optimizer steps, continuing across epochs from the saved position."""
+        accumulate = self.args.gradient_accumulation_steps
+        while True:
+            pending = []
+            skip = self.state["batch_in_epoch"]
+            for index, batch in enumerate(self.micro_batches(self.state["epoch"], skip=skip), start=skip):
+                pending.append(batch)
+                if len(pending) == accumulate:
+                    self.state["batch_in_epoch"] = index + 1
+                    yield pending
+                    pending = []
+            if pending:
+                self.state["batch_in_epoch"] = 0
+                self.state["epoch"] += 1
+                yield pending
+            else:
+                self.state["epoch"] += 1
+                self.state["batch_in_epoch"] = 0
+
+    def micro_batch_shares(self, micro: list) -> list[float]:
+        """Each micro-batch's share of its accumulated step (token-weighted for SFT)."""
+        weights = [self.batch_weight(b) for b in micro]
+        total_weight = sum(weights)
+        if total_weight <= 0:
+            raise TrainingError("a training step has no target tokens: check the data's masks")
+        return [w / total_weight for w in weights]
+
+    # -- evaluation
+    def evaluate(self) -> dict:
+        """Weighted mean loss over the evaluation batches, plus the metrics' means."""
+        batches = list(self.evaluate_batches())
+        if not batches:
+            return {}
+        self.set_training_mode(False)
+        total, weight_sum, metric_sums = 0.0, 0.0, {}
+        for batch in batches:
+            loss, metrics = self.evaluation_loss(batch)
+            weight = self.batch_weight(batch)
+            total += loss * weight
+            weight_sum += weight
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + value * weight
+        self.set_training_mode(True)
+        result = {"eval_loss": total / weight_sum}
+        result.update({f"eval_{k}": v / weight_sum for k, v in metric_sums.items()})
+        return result
+
+    def evaluate_and_log(self):
+        result = self.evaluate()
+        if result:
+            self._disk_write(self.run.metrics_path, lambda: self.run.log({"step": self.state["step"], **result}))
+        return result
+
+    # -- checkpoints
+    def save_checkpoint(self) -> Path:
+        """checkpoints/step_N/: adapter (or full weights), optimizer state, trainer_state.json; it
+        appears by rename only when complete, and the oldest beyond ``save_total_limit`` go."""
+        state = {**self.state, "seed": self.args.seed, "backend": self.backend, "config": self.args.to_dict(),
+                 "data": self._data_hashes(), "model": self.model_facts(),
+                 "rng": "reseeded from (seed, step) each step; rollouts from (seed, epoch, index)"}
+
+        def write(tmp: Path):
+            self.save_model(tmp / "adapter")
+            self.save_optimizer_state(tmp)
+            atomic_write_json(tmp / TRAINER_STATE, state)
+
+        target = self.run.checkpoints / f"step_{self.state['step']}"
+        return self._disk_write(target, lambda: self.run.save_checkpoint(self.state["step"], write,
+                                                                          keep=self.args.save_total_limit))
+
+    def load_checkpoint(self, checkpoint):
+        checkpoint = Path(checkpoint)
+        if checkpoint.name == "checkpoints" or (checkpoint / "checkpoints").is_dir():
+            found = RunDirectory(checkpoint.parent if checkpoint.name == "checkpoints" else checkpoint,
+                                 create=False).latest_checkpoint()
+            if found is None:
+                raise TrainingError(f"no checkpoint to resume from in {checkpoint}")
+            checkpoint = found
+        if not (checkpoint / TRAINER_STATE).exists():
+            if (checkpoint / "run.json").exists() or (checkpoint / "metrics.jsonl").exists():
+                raise TrainingError(f"no checkpoint to resume from in {checkpoint}: the run stopped before its first "
+                                    "one (--save-every N writes one every N steps); start it again without --resume")
+            raise TrainingError(f"not a checkpoint directory (no {TRAINER_STATE}): {checkpoint}")
+        state = json.loads((checkpoint / TRAINER_STATE).read_text())
+        self.check_resume_state(state, checkpoint)
+        self.load_model_weights(checkpoint / "adapter")
+        self.load_optimizer_state(checkpoint)
+        self.state = {k: state[k] for k in ("step", "epoch", "batch_in_epoch")}
+        self.resumed_from = checkpoint
+        self._disk_write(self.run.metrics_path, lambda: self.run.truncate_metrics_after(self.state["step"]))
+
+    def check_resume_state(self, saved: dict, checkpoint: Path):
+        """A resume must continue the same run: a different seed or batch layout is an error (the data
+        position and the random streams would not match), other config or data changes a warning."""
+        config = json.loads(json.dumps(self.args.to_dict(), default=str))
+        saved_config = saved.get("config") or {"seed": saved.get("seed")}
+        fixed = [k for k in _RESUME_FIXED_FIELDS if k in saved_config and k in config
+                 and saved_config[k] != config[k]]
+        if fixed:
+            raise TrainingError(f"cannot resume from {checkpoint}: " + ", ".join(
+                f"{k} is {config[k]!r} here but {saved_config[k]!r} in the checkpoint" for k in fixed)
+                + "; resume with the checkpoint's values or start a new run")
+        changed = [k for k in sorted(set(config) & set(saved_config))
+                   if k not in _RESUME_FREE_FIELDS and saved_config[k] != config[k]]
+        if changed:
+            self._warn(f"resuming from {checkpoint} with a different config: " + ", ".join(
+                f"{k} {saved_config[k]!r} -> {config[k]!r}" for k in changed))
+        data = self._data_hashes()
+        moved = [name for name, digest in (saved.get("data") or {}).items() if name in data and data[name] != digest]
+        if moved:
+            self._warn(f"resuming from {checkpoint}: the data changed since the checkpoint ({', '.join(moved)}); "
+                       "the data position may not mean the same samples")
+        if saved.get("backend") and self.backend and saved["backend"] != self.backend:
+            self._warn(f"resuming a {saved['backend']} checkpoint on the {self.backend} backend: the curve will "
+                       "not repeat bit for bit")
+
+    def _data_hashes(self) -> dict:
+        """sha256 of each training data file, or of the rows when the data came as a Python list."""
+        if not hasattr(self, "_data_hash_cache"):
+            hashes = {str(p): file_sha256(p) for p in self.data_files if p and Path(p).is_file()}
+            for name, rows in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+                if isinstance(rows, list):
+                    hashes[f"{name} ({len(rows)} rows in memory)"] = _rows_sha256(rows)
+            self._data_hash_cache = hashes
+        return self._data_hash_cache
+
+    def write_run_json(self):
+        extra = {"data": self._data_hashes(), "trainer": type(self).__name__,
+                 "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                 "resumed_at_step": self.state["step"] if self.resumed_from else None}
+        previous = self.run.path / "run.json"
+        if self.resumed_from and previous.exists():
+            # Each process that worked on this run, oldest first: a resumed run stays auditable.
+            try:
+                before = json.loads(previous.read_text())
+            except ValueError:
+                before = {}
+            extra["history"] = [*before.get("history", []), {k: before.get(k) for k in
+                                                             ("created", "command", "resumed_from", "packages")}]
+        reward_files = _reward_files(getattr(self, "reward_functions", None) or [])
+        if reward_files:
+            extra["reward_files"] = reward_files
+        model = self.model_facts()
+        model.setdefault("files", model_files_facts(model.get("path")))
+        self.run.write_run_json(self.args.to_dict(), backend=self.backend, device=self.device_name(),
+                                data_files=self.data_files, model=model, extra=extra)
+
+
+class TrainingWarning(UserWarning):
+    """Something in a run that the user should know about but that does not stop it."""
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM while training: remember the signal, let the step finish. A second signal
+    restores the previous handlers and re-raises, to stop at once."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.signum = None
+        self.previous = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread; leave them alone
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        self.bar.write(f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                       "(send it again to stop at once)", file=sys.stderr)
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+
+def resume_command(argv: list[str], checkpoint: Path) -> str:
+    """The command line that continues this run: the same one with a bare ``--resume`` (the run
+    directory's latest checkpoint). From a script that is not macft's CLI, the Python call."""
+    script = Path(argv[0]) if argv else Path("")
+    if script.parent.name == "macft" and script.suffix == ".py":
+        program = ["python", "-m", "macft" if script.stem == "__main__" else f"macft.{script.stem}"]
+    elif script.name == "macft":
+        program = ["macft"]
+    else:
+        return f"trainer.train(resume_from_checkpoint={str(checkpoint)!r})"
+    args, skip = [], False
+    for index, arg in enumerate(argv[1:], start=1):
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            # Drop an explicit DIR: the next resume takes the run directory's latest checkpoint.
+            skip = index + 1 < len(argv) and not argv[index + 1].startswith("-")
+            continue
+        if arg.startswith("--resume="):
+            continue
+        args.append(arg)
+    return shlex.join([*program, *args, "--resume"])
+
+
+def _is_disk_error(error: Exception) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in _DISK_ERRNOS
+    # MLX's writers raise RuntimeError("[write] Unable to write N bytes to file.") on a full disk.
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("Unable to write" in text or "Failed to open" in text
+                                                or "Unable to open" in text)
+
+
+def _rows_sha256(rows: list) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reward_files(functions) -> dict:
+    """sha256 of the files the reward functions came from (their code decides the rewards)."""
+    import inspect
+
+    found = {}
+    for function in functions:
+        target = getattr(function, "fn", function)
+        try:
+            path = inspect.getsourcefile(target)
+        except TypeError:
+            continue
+        if path and Path(path).is_file() and "site-packages" not in path:
+            found[getattr(function, "name", getattr(target, "__name__", "?"))] = {"file": path,
+                                                                                  "sha256": file_sha256(path)}
+    return found
