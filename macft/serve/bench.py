@@ -122,42 +122,38 @@ def prompt(tag: str, i: int) -> str:
     return f"({tag}.{i}) Tell me a long story about {TOPICS[i % len(TOPICS)]}."
 
 
-def measure(port: int, model: str, streams: list[int], max_tokens: int, single_requests: int,
-            api_key: str | None = None, tag: str = "0") -> dict:
-    stream_chat(port, model, f"({tag}) Say hello.", 8, api_key)  # warm-up (compilation, caches)
-    single = [stream_chat(port, model, prompt(f"{tag}s", i), max_tokens, api_key) for i in range(single_requests)]
-    result = {"single_stream": {
-        "tokens_per_sec": sum(r["tokens"] for r in single) / sum(r["seconds"] for r in single),
-        "ttft_s": sum(r["ttft"] for r in single) / len(single),
-        "tokens": [r["tokens"] for r in single]}}
-    for n in streams:
-        out = [None] * n
-        barrier = threading.Barrier(n + 1)
+def measure_single(port: int, model: str, max_tokens: int, requests: int, tag: str, api_key=None) -> dict:
+    """One request at a time: tokens/s over the requests' time, and the mean time to first token."""
+    single = [stream_chat(port, model, prompt(f"{tag}s", i), max_tokens, api_key) for i in range(requests)]
+    return {"tokens_per_sec": sum(r["tokens"] for r in single) / sum(r["seconds"] for r in single),
+            "ttft_s": sum(r["ttft"] for r in single) / len(single), "tokens": [r["tokens"] for r in single]}
 
-        errors = []
 
-        def client(i):
-            barrier.wait()
-            try:
-                out[i] = stream_chat(port, model, prompt(f"{tag}c{n}", i), max_tokens, api_key)
-            except Exception as e:  # reported below
-                errors.append(f"stream {i}: {type(e).__name__}: {e}")
+def measure_streams(port: int, model: str, n: int, max_tokens: int, tag: str, api_key=None) -> dict:
+    """``n`` clients at once, one request each: all tokens over the time until the last finished."""
+    out, errors = [None] * n, []
+    barrier = threading.Barrier(n + 1)
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
+    def client(i):
         barrier.wait()
-        start = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - start
-        if errors:
-            raise RuntimeError(f"{len(errors)} of {n} streams failed: {errors[0]}")
-        total = sum(r["tokens"] for r in out)
-        result[f"streams_{n}"] = {"tokens_per_sec": total / wall, "wall_s": wall, "tokens": total,
-                                  "ttft_s": sum(r["ttft"] for r in out) / n,
-                                  "connect_retries": sum(r["retries"] for r in out)}
-    return result
+        try:
+            out[i] = stream_chat(port, model, prompt(f"{tag}c{n}", i), max_tokens, api_key)
+        except Exception as e:  # reported below
+            errors.append(f"stream {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} streams failed: {errors[0]}")
+    total = sum(r["tokens"] for r in out)
+    return {"tokens_per_sec": total / wall, "wall_s": wall, "tokens": total, "ttft_s": sum(r["ttft"] for r in out) / n,
+            "connect_retries": sum(r["retries"] for r in out)}
 
 
 def run_server(cmd: list[str], port: int, ready_path: str, log_path: Path):
@@ -211,6 +207,7 @@ def bench_serve(
                             "single_requests": single_requests, "rounds": rounds}}
     with tempfile.TemporaryDirectory(prefix="macft-bench-serve-") as tmp:
         servers = {}  # name -> (process, log, port)
+        failed = set()
         try:
             port = free_port()
             cmd = [sys.executable, "-m", "macft", "serve", "--model", model, "--port", str(port),
@@ -225,26 +222,38 @@ def bench_serve(
                        "--decode-concurrency", str(concurrency), "--prompt-concurrency", str(concurrency),
                        "--max-tokens", str(max_tokens), "--log-level", "WARNING"]
                 servers["mlx_lm_server"] = (*run_server(cmd, port, "/v1/models", Path(tmp) / "peer.log"), port)
-            # Both stay up (idle) and take turns, round after round, so that a change in the machine's load
-            # during the run does not favour one of them; each metric keeps its best round.
-            runs = {name: [] for name in servers}
+            # Both stay up (idle) and take turns, measurement after measurement, so that the machine's
+            # load, which changes, is about the same for both; each figure keeps its best round.
+            runs = {name: {} for name in servers}
+            sections = [("single_stream", None)] + [(f"streams_{n}", n) for n in counts]
+            for name, (_, _, server_port) in servers.items():
+                stream_chat(server_port, model, "Say hello.", 8)  # warm-up (compilation, caches)
             for r in range(rounds):
-                for name, (_, _, server_port) in servers.items():
-                    try:
-                        runs[name].append(measure(server_port, model, counts, max_tokens, single_requests,
-                                                  tag=str(r + 1)))
-                    except Exception as e:
-                        if name == "macft":
-                            raise
-                        results["mlx_lm_server_error"] = f"{type(e).__name__}: {e}"
-                        typer.echo(f"mlx_lm.server: no figures ({results['mlx_lm_server_error']})", err=True)
-                    typer.echo(json.dumps({"round": r + 1, name: runs[name][-1] if runs[name] else None}))
+                for section, n in sections:
+                    order = list(servers.items())[::-1 if r % 2 else 1]  # who goes first alternates too
+                    for name, (_, _, server_port) in order:
+                        if name in failed:
+                            continue
+                        tag = f"{r + 1}"
+                        try:
+                            figure = (measure_single(server_port, model, max_tokens, single_requests, tag)
+                                      if n is None else measure_streams(server_port, model, n, max_tokens, tag))
+                        except Exception as e:
+                            if name == "macft":
+                                raise
+                            failed.add(name)
+                            results["mlx_lm_server_error"] = f"{type(e).__name__}: {e}"
+                            typer.echo(f"mlx_lm.server: no figures ({results['mlx_lm_server_error']})", err=True)
+                            continue
+                        runs[name].setdefault(section, []).append(figure)
+                        typer.echo(json.dumps({"round": r + 1, "server": name, section: figure}))
         finally:
             for proc, log, _ in servers.values():
                 stop_server(proc, log)
         for name, measured in runs.items():
-            if measured:
-                results[name] = best_of(measured)
+            if name not in failed and measured:
+                results[name] = {section: max(figures, key=lambda f: f["tokens_per_sec"])
+                                 for section, figures in measured.items()}
                 results[name]["rounds"] = measured
     typer.echo(format_table(results, counts))
     if json_out:
@@ -252,15 +261,8 @@ def bench_serve(
     return results
 
 
-def best_of(rounds: list[dict]) -> dict:
-    """Per section, the round with the most tokens/s (the least disturbed by other load)."""
-    return {section: max((r[section] for r in rounds), key=lambda m: m["tokens_per_sec"]) for section in rounds[0]}
-
-
 def format_table(results: dict, counts: list[int]) -> str:
     ours, peer = results["macft"], results.get("mlx_lm_server")
-    if peer is not None and any(k not in peer for k in ours):
-        peer = None
     rows = [("single stream tokens/s", "single_stream", "tokens_per_sec"),
             ("single stream time to first token (s)", "single_stream", "ttft_s")]
     rows += [(f"{n} streams aggregate tokens/s", f"streams_{n}", "tokens_per_sec") for n in counts]

@@ -59,7 +59,10 @@ def _check_concurrent_equals_sequential(client, base_name):
     assert [results[i] for i in range(len(specs) * 2)] == sequential * 2
 
 
-def test_torch_engine_matches_cuda_bridge_generate_and_batches(serve_base, serve_adapters):
+def test_torch_engine_matches_cuda_bridge_generate_and_batches(serve_base, serve_adapters, monkeypatch):
+    # The bridge's plain-torch ops for server and oracle alike: under TRITON_INTERPRET (CPU CI) every
+    # kernel would run in Triton's interpreter, which tests the kernels (tests/cuda_bridge), not serving.
+    monkeypatch.setenv("MACFT_KERNELS", "reference")
     handle = _torch_server(serve_base, serve_adapters)
     try:
         client = _check_against_generate_text(handle, serve_base, serve_adapters)
