@@ -32,7 +32,10 @@ def length_reward(prompts, completions, **columns):
     """Prefers completions whose length is a multiple of 3 (deterministic, and it varies)."""
     return [1.0 if len(c) % 3 == 0 else 0.0 for c in completions]
 '''
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MACFT_BACKEND": "mlx"}
+# The bridge runs its plain-torch ops here: under Triton's CPU interpreter (which the test session
+# turns on for the kernel tests) a training run would take minutes; the kernels have their own tests.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "MACFT_BACKEND": "mlx",
+       "MACFT_KERNELS": "reference"}
 
 
 def write_jsonl(path: Path, rows) -> Path:

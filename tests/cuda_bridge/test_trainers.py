@@ -126,7 +126,7 @@ def held_out_margin(model, examples) -> float:
 
 LEARNS = {  # algo, learning rate, config: tests/mlx/test_preference_trainers.py's
     "dpo": (2e-2, {}),
-    "cpo": (2e-2, {"beta": 0.5, "cpo_alpha": 0.1}),
+    "cpo": (5e-3, {"beta": 0.5, "cpo_alpha": 0.1}),  # 2e-2 diverges on the last bits of BLAS order
     "orpo": (2e-2, {"beta": 1.0}),
     "kto": (2e-2, {}),
 }
