@@ -12,16 +12,17 @@ import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import macft  # noqa: E402  (loads OpenBLAS before any test imports mlx.core or torch, as `python -m macft` does)
+
 if "TRITON_INTERPRET" not in os.environ:
     # Without a GPU the Triton kernels run under Triton's interpreter. Triton reads this when it is
-    # first imported (torch, transformers and peft may import it long before a kernel test runs),
-    # so it is decided here, before anything else loads.
+    # first imported (transformers and peft may import it long before a kernel test runs), so it is
+    # decided here, before any test module loads.
     import torch
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
-import macft  # noqa: E402  (loads OpenBLAS before any test imports mlx.core)
 import pytest  # noqa: E402
 
 TINY_ARCHS = ("llama", "qwen2", "qwen3", "gemma", "mistral", "phi3")

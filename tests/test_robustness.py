@@ -157,9 +157,10 @@ def sft_setup(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend_name", ["mlx", "cuda"])
-def test_sigkill_then_resume_repeats_the_sft_curve(sft_setup, tmp_path, backend_name):
+def test_sigkill_then_resume_repeats_the_sft_curve(sft_setup, tmp_path, backend_name, monkeypatch):
     """On both backends (cuda_bridge runs on the CPU here): the loop is shared, the weights, optimizer
     and random streams are each backend's own."""
+    monkeypatch.setenv("MACFT_KERNELS", ENV["MACFT_KERNELS"])  # as in the subprocesses
     args, reference = sft_setup
     if backend_name != "mlx":
         reference = tmp_path / "uninterrupted"
