@@ -14,7 +14,9 @@ Batching: each request's whole prompt is prefilled alone into a DynamicCache and
 sampled from the last logits (as cuda_bridge.generate does); the new rows are then left-padded to
 the running batch's length and concatenated, with a 2-D attention mask marking padding and
 per-row position ids; finished rows are dropped with index_select and the all-padding columns
-at the front trimmed.
+at the front trimmed. With chunked prefill the scheduler hands a long prompt over in chunks
+(``TorchEngine.prefill``), each one forward pass on the request's own DynamicCache at the
+chunk's positions; ``add`` runs the last chunk and samples the first token.
 """
 
 import os
@@ -143,6 +145,13 @@ class AdapterBank:
 
 
 @dataclass
+class _Prefill:
+    """A prompt partly through the model (chunked prefill), not in the batch yet."""
+    cache: object  # DynamicCache of one row
+    done: int = 0  # prompt tokens in the cache
+
+
+@dataclass
 class _Row:
     id: int
     slot: int
@@ -183,6 +192,7 @@ class TorchEngine(Engine):
         self.rows: list[_Row] = []
         self.cache = None  # DynamicCache of the batch
         self.mask = None  # (B, T) 1 for real tokens, 0 for left padding
+        self.prefills: dict[int, _Prefill] = {}  # request id -> its prefill in progress
 
     def _check_cache(self):
         from transformers import DynamicCache
@@ -199,34 +209,64 @@ class TorchEngine(Engine):
         self.bank.unload(name)
 
     @torch.inference_mode()
+    def prefill(self, request: EngineRequest, end: int):
+        from transformers import DynamicCache
+
+        part = self.prefills.get(request.id)
+        if part is None:
+            part = self.prefills[request.id] = _Prefill(DynamicCache(config=self.model.config))
+        self.bank.set_rows([self.bank.slot(request.adapter)])
+        self._feed(request.prompt_ids, part, end)
+
+    def _feed(self, prompt: list[int], part: _Prefill, end: int):
+        """One forward pass of prompt[part.done:end] on the prefill's cache: the logits of its last token."""
+        ids = torch.tensor([prompt[part.done:end]], device=self.device)
+        out = self.model(input_ids=ids, attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+                         position_ids=torch.arange(part.done, end, device=self.device)[None],
+                         past_key_values=part.cache, use_cache=True, logits_to_keep=1)
+        part.cache, part.done = out.past_key_values, end
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
     def add(self, requests: list[EngineRequest]) -> dict[int, int]:
         from transformers import DynamicCache
 
+        marks = {req.id: self.prefills[req.id].done for req in requests if req.id in self.prefills}
         prefilled, rows, first = [], [], {}
+        try:
+            for req in requests:
+                slot = self.bank.slot(req.adapter)
+                part = self.prefills.get(req.id) or _Prefill(DynamicCache(config=self.model.config))
+                self.bank.set_rows([slot])
+                logits = self._feed(req.prompt_ids, part, len(req.prompt_ids))
+                s = req.sampling
+                generator = None
+                if s.temperature > 0:
+                    generator = torch.Generator(device=self.device)
+                    generator.manual_seed(s.seed % 2**63 if s.seed is not None
+                                          else int.from_bytes(os.urandom(8), "little") >> 1)
+                row = _Row(id=req.id, slot=slot, next_input=0, position=len(req.prompt_ids),
+                           temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, generator=generator)
+                token = self._sample(logits, [row])[0]
+                row.next_input = token
+                first[req.id] = token
+                prefilled.append(part.cache)
+                rows.append(row)
+            self._merge(prefilled)
+        except BaseException:
+            self._rewind(marks)  # the prefills in progress stay as they were (see Engine.add)
+            raise
         for req in requests:
-            slot = self.bank.slot(req.adapter)
-            ids = torch.tensor([req.prompt_ids], device=self.device)
-            cache = DynamicCache(config=self.model.config)
-            self.bank.set_rows([slot])
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             position_ids=torch.arange(ids.shape[1], device=self.device)[None],
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-            s = req.sampling
-            generator = None
-            if s.temperature > 0:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(s.seed % 2**63 if s.seed is not None
-                                      else int.from_bytes(os.urandom(8), "little") >> 1)
-            row = _Row(id=req.id, slot=slot, next_input=0, position=len(req.prompt_ids), temperature=s.temperature,
-                       top_p=s.top_p, top_k=s.top_k, generator=generator)
-            token = self._sample(out.logits[:, -1, :], [row])[0]
-            row.next_input = token
-            first[req.id] = token
-            prefilled.append(out.past_key_values)
-            rows.append(row)
-        self._merge(prefilled)
+            self.prefills.pop(req.id, None)
         self.rows += rows
         return first
+
+    def _rewind(self, marks: dict[int, int]):
+        """Put prefills in progress back to ``marks`` (request id -> prompt tokens done)."""
+        for rid, done in marks.items():
+            part = self.prefills[rid]
+            part.cache.crop(done)
+            part.done = done
 
     def _merge(self, caches):
         """Append the new rows' caches (one row each) to the batch's, left-padded to one length."""
@@ -288,6 +328,8 @@ class TorchEngine(Engine):
 
     def remove(self, ids):
         ids = set(ids)
+        for rid in ids:
+            self.prefills.pop(rid, None)
         keep = [i for i, r in enumerate(self.rows) if r.id not in ids]
         if len(keep) == len(self.rows):
             return

@@ -198,24 +198,59 @@ def run_mlx_lm_lora_sft(peer_python, model_path, data_dir: Path, out: Path, batc
     return result
 
 
-def parse_mlx_lm_lora_log(log: str, warmup: int = 2) -> dict:
-    """Its report lines (mlx-lm-lora 5.x SFT) read
-    'Iter 5: loss 2.345, lr 1.000e-04, it/s 0.160, tok/s 81.234, trained_tok 2540, peak_mem 1.160GB';
-    mlx-lm's older 'Iter 5: Train loss 2.345, ..., Tokens/sec 81.2, Trained Tokens 2540, Peak mem 1.16 GB' too.
-    Validation lines ('Iter 1: Val loss ...') are ignored. The first ``warmup`` reports (compilation) are left
-    out of the throughput, which is total tokens over total step time of the rest, as macft measures its own."""
+_NUM = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
+# One report per match, in any of mlx-lm-lora 5.x's formats (and mlx-lm's older SFT one):
+#   SFT  'Iter 5: loss 2.345, lr 1.000e-04, it/s 0.160, tok/s 81.234, trained_tok 2540, peak_mem 1.160GB'
+#   DPO  'Iter 5: loss 0.693, chosen_r 0.000, rejected_r 0.000, acc 0.000, margin 0.000, lr 1.000e-04,
+#         it/s 0.512, tok/s 120.214, peak_mem 1.234GB'
+#   GRPO a block: 'Iter 5:' / dashes / 'Loss: 0.012' / ... / 'Avg tokens: 32.0' / ...
+#        / 'Speed: 0.123 it/s, 45.6 tok/s' / 'Memory: 1.234GB'
+#   mlx-lm 'Iter 5: Train loss 2.345, ..., Tokens/sec 81.2, Trained Tokens 2540, Peak mem 1.16 GB'
+# Validation lines ('Iter 1: Val loss ...') match none of them.
+_REPORT_LINE = rf"Iter (\d+): (?:Train )?loss {_NUM},([^\n]*?(?:peak_mem|Peak mem) {_NUM}\s*GB)"
+_REPORT_BLOCK = rf"Iter (\d+):[ \t]*\n-+\nLoss: {_NUM}\n(.*?)Memory: {_NUM}\s*GB"
+
+
+def mlx_lm_lora_reports(log: str) -> list[dict]:
+    """mlx-lm-lora's training reports in ``log``, in order: iter, loss, peak_memory_gb and, where the
+    format has them, it_per_sec, tok_per_sec (its own token count over the report's wall time),
+    trained_tok (cumulative), avg_tokens (GRPO's mean completion length)."""
     import re
 
-    num = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
-    report = (rf"Iter (\d+): (?:Train )?loss {num},.*?(?:tok/s|Tokens/sec) {num},\s*"
-              rf"(?:trained_tok|Trained Tokens) (\d+),\s*(?:peak_mem|Peak mem) {num}\s*GB")
+    def field(pattern, text, cast=float):
+        m = re.search(pattern, text, re.IGNORECASE)
+        return cast(m[1]) if m else None
+
+    found = []
+    for m in re.finditer(_REPORT_LINE, log, re.IGNORECASE):
+        rest = m[3]
+        found.append((m.start(), {"iter": int(m[1]), "loss": float(m[2]), "peak_memory_gb": float(m[4]),
+                                  "it_per_sec": field(rf"it/s {_NUM}", rest),
+                                  "tok_per_sec": field(rf"(?:tok/s|Tokens/sec) {_NUM}", rest),
+                                  "trained_tok": field(r"(?:trained_tok|Trained Tokens) (\d+)", rest, int)}))
+    for m in re.finditer(_REPORT_BLOCK, log, re.DOTALL):
+        body = m[3]
+        found.append((m.start(), {"iter": int(m[1]), "loss": float(m[2]), "peak_memory_gb": float(m[4]),
+                                  "it_per_sec": field(rf"Speed: {_NUM} it/s", body),
+                                  "tok_per_sec": field(rf"it/s, {_NUM} tok/s", body),
+                                  "trained_tok": None,
+                                  "avg_tokens": field(rf"Avg tokens: {_NUM}", body)}))
+    return [report for _, report in sorted(found, key=lambda item: item[0])]
+
+
+def parse_mlx_lm_lora_log(log: str, warmup: int = 2) -> dict:
+    """Throughput of mlx-lm-lora's SFT reports (``mlx_lm_lora_reports``; those with a cumulative
+    trained_tok). The first ``warmup`` reports (compilation) are left out of the throughput, which
+    is total tokens over total step time of the rest, as macft measures its own."""
     reports, last_total = [], 0
-    for m in re.finditer(report, log, re.IGNORECASE):
-        it, loss, rate, total, peak = int(m[1]), float(m[2]), float(m[3]), int(m[4]), float(m[5])
+    for r in mlx_lm_lora_reports(log):
+        if r["trained_tok"] is None or r["tok_per_sec"] is None:
+            continue
+        rate, total = r["tok_per_sec"], r["trained_tok"]
         tokens = total - last_total  # trained_tok is cumulative
         last_total = total
-        reports.append({"iter": it, "loss": loss, "tokens_per_sec": rate, "tokens": tokens,
-                        "seconds": tokens / rate if rate > 0 else 0.0, "peak_memory_gb": peak})
+        reports.append({"iter": r["iter"], "loss": r["loss"], "tokens_per_sec": rate, "tokens": tokens,
+                        "seconds": tokens / rate if rate > 0 else 0.0, "peak_memory_gb": r["peak_memory_gb"]})
     measured = reports[warmup:] if len(reports) > warmup else reports
     tokens = sum(r["tokens"] for r in measured)
     seconds = sum(r["seconds"] for r in measured)
@@ -246,6 +281,11 @@ def _print_result(name, r):
 from macft.bench_grpo import bench_grpo  # noqa: E402
 
 bench_app.command("grpo")(bench_grpo)
+
+# `macft bench dpo`: the DPO step, and mlx-lm-lora's with --peer-python.
+from macft.bench_dpo import bench_dpo  # noqa: E402
+
+bench_app.command("dpo")(bench_dpo)
 
 # `macft bench serve`: throughput of `macft serve` (and of mlx_lm.server with --peer).
 from macft.serve.bench import bench_serve  # noqa: E402

@@ -6,13 +6,17 @@ underscores); a flag given on the command line overrides it; an unknown key is a
 """
 
 import inspect
+import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Plain click help (rich_markup_mode=None): Rich's markup would eat each flag's "[default: X]", and its
+# table cuts long flag names (--gradient-accumulation-steps) at 80 columns.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Fine-tune language models with MLX (Apple Silicon) or PyTorch + Triton (NVIDIA).")
 
 
@@ -56,6 +60,8 @@ COMMON_FLAGS = (
     Flag("steps_per_eval", ("--steps-per-eval",), int, 200, "Evaluate on the valid split every N steps."),
     Flag("val_batches", ("--val-batches",), int, 25, "Validation batches per evaluation (-1: all)."),
     Flag("resume", ("--resume",), str, None, "Resume from the latest checkpoint of the run directory, or from DIR."),
+    Flag("overwrite", ("--overwrite",), bool, False,
+         "Replace a previous run in --adapter-path (its adapter, metrics, checkpoints) instead of refusing."),
     Flag("seed", ("--seed",), int, 3407, "Random seed."),
     Flag("push_to_hub", ("--push-to-hub",), str, None, "After training, upload the adapter (with a model card) to this Hugging Face repo (user/name)."),
 )
@@ -82,12 +88,90 @@ class CLIError(Exception):
     pass
 
 
+TRAIN_TYPES = ("lora", "dora", "full")
+LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+AT_LEAST_0 = (lambda v: v >= 0, "must be >= 0")
+AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
+POSITIVE = (lambda v: v > 0, "must be > 0")
+
+# What each value may be: (check, what it must be). Checked at the door, for the YAML's keys and the
+# command line's flags alike, so that a bad value is one line naming it instead of a traceback (or,
+# worse, a run: `--iters 0` used to train a whole epoch). Float values must also be finite.
+VALUE_RULES = {
+    "train_type": (lambda v: v in TRAIN_TYPES, "must be lora, dora or full"),
+    "lora_rank": AT_LEAST_1,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": (lambda v: 0 <= v < 1, "must be >= 0 and < 1"),
+    "num_layers": (lambda v: v == -1 or v >= 1, "must be -1 (all layers) or >= 1"),
+    "iters": AT_LEAST_1,
+    "epochs": POSITIVE,
+    "batch_size": AT_LEAST_1,
+    "gradient_accumulation_steps": AT_LEAST_1,
+    "learning_rate": POSITIVE,
+    "lr_schedule": (lambda v: v in LR_SCHEDULES, "must be linear, cosine or constant"),
+    "warmup_steps": AT_LEAST_0,
+    "weight_decay": AT_LEAST_0,
+    "max_grad_norm": AT_LEAST_0,
+    "max_seq_length": (lambda v: v >= 2, "must be >= 2"),
+    "save_every": AT_LEAST_0,
+    "keep_checkpoints": AT_LEAST_0,
+    "nan_patience": AT_LEAST_1,
+    "steps_per_report": AT_LEAST_1,
+    "steps_per_eval": AT_LEAST_0,
+    "val_batches": (lambda v: v >= -1, "must be -1 (all) or >= 0"),
+    "seed": AT_LEAST_0,
+    "beta": AT_LEAST_0,
+    "group_size": (lambda v: v >= 2, "must be >= 2 (advantages compare the completions of one prompt)"),
+    "max_completion_length": AT_LEAST_1,
+    "response_length": AT_LEAST_1,
+    "max_prompt_length": AT_LEAST_1,
+    "temperature": POSITIVE,
+    "top_p": (lambda v: 0 < v <= 1, "must be > 0 and <= 1"),
+    "top_k": AT_LEAST_0,
+    "epsilon": AT_LEAST_0,
+    "epsilon_high": AT_LEAST_0,
+    "label_smoothing": (lambda v: 0 <= v <= 0.5, "must be >= 0 and <= 0.5"),
+    "num_iterations": AT_LEAST_1,
+    "max_sampling_rounds": AT_LEAST_1,
+    "num_ppo_epochs": AT_LEAST_1,
+    "num_mini_batches": AT_LEAST_1,
+    "reward_max_steps": AT_LEAST_1,
+    "reward_learning_rate": POSITIVE,
+}
+
+
+def value_problem(flag: Flag, value) -> str | None:
+    """What is wrong with ``value`` for ``flag`` (None: nothing, or no value given)."""
+    if value is None:
+        return None
+    if flag.type is float and not math.isfinite(value):
+        return "must be a finite number"
+    check, requirement = VALUE_RULES.get(flag.name, (None, None))
+    if check is not None and not check(value):
+        return requirement
+    return None
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_values(values: dict, flags, where=lambda flag: flag.flags[0]):
+    """A CLIError naming the first bad value: ``where(flag)`` says how the user wrote it."""
+    for flag in flags:
+        problem = value_problem(flag, values.get(flag.name))
+        if problem:
+            raise CLIError(f"{where(flag)} {_shown(values[flag.name])}: {problem}")
+
+
 def resolve_values(given: dict, flags, command: str) -> dict:
-    """defaults < YAML config < flags given on the command line."""
+    """defaults < YAML config < flags given on the command line, each value checked (VALUE_RULES)."""
     values = {f.name: f.default for f in flags}
     if given.get("config"):
         values.update(read_yaml_config(given["config"], flags, command))
-    values.update({k: v for k, v in given.items() if v not in (None, [], ()) and k != "config"})
+    typed = {k: v for k, v in given.items() if v not in (None, [], ()) and k != "config"}
+    check_values(typed, flags)
+    values.update(typed)
     return values
 
 
@@ -114,7 +198,8 @@ def read_yaml_config(path, flags, command: str) -> dict:
             data.setdefault(mapped, value)
         elif key != "keys":
             raise CLIError(f"--config {path}: unknown key lora_parameters.{key}")
-    aliases = {"fine_tune_type": "train_type", "max_steps": "iters", "output_dir": "adapter_path"}
+    aliases = {"fine_tune_type": "train_type", "max_steps": "iters", "output_dir": "adapter_path",
+               "overwrite_output_dir": "overwrite"}
     data = {aliases.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in data.items()}
     known = {f.name: f for f in flags}
     unknown = sorted(k for k in data if k not in known)
@@ -122,6 +207,8 @@ def read_yaml_config(path, flags, command: str) -> dict:
         raise CLIError(f"--config {path}: unknown key(s) {', '.join(unknown)} for `macft {command}`")
     for key, value in data.items():
         expected = known[key].type
+        if isinstance(value, bool) and expected in (int, float):  # YAML's true is no number (it was 1.0)
+            raise CLIError(f"--config {path}: {key} must be a number, got {value!r}")
         if value is not None and expected is float and isinstance(value, (int, float, str)):
             try:
                 data[key] = float(value)
@@ -131,6 +218,7 @@ def read_yaml_config(path, flags, command: str) -> dict:
             data[key] = [value]
         elif value is not None and expected is not float and not isinstance(value, expected):
             raise CLIError(f"--config {path}: {key} must be {expected.__name__}, got {value!r}")
+    check_values(data, [known[key] for key in data], where=lambda flag: f"--config {path}: {flag.name}")
     return data
 
 
@@ -154,15 +242,24 @@ def training_command(algo: str, flags, run):
     all_flags = (*flags, CONFIG_FLAG)
 
     def command(**given):
+        output_dir, created = None, False
         try:
             values = resolve_values(given, flags, algo)
+            output_dir = Path(values["adapter_path"])
+            created = not output_dir.exists()
+            check_before_loading(values, DATA_KINDS.get(algo))
             run(values)
             if values.get("push_to_hub"):
                 from macft.hub import push_run
 
                 typer.echo(f"Uploaded to {push_run(values['adapter_path'], values['push_to_hub'], algorithm=algo)}")
-        except Exception as e:  # one clear line for the errors users cause, a traceback for ours
-            _exit_on_user_error(e)
+        except BaseException as e:
+            if created:  # a run that failed before writing anything leaves no empty folder behind
+                from macft.run_dir import remove_if_empty
+
+                remove_if_empty(output_dir)
+            if isinstance(e, Exception):  # one clear line for the errors users cause, a traceback for ours
+                _exit_on_user_error(e)
             raise
 
     command.__signature__ = inspect.Signature(_typer_parameters(all_flags))
@@ -190,28 +287,185 @@ def _exit_on_user_error(error: Exception):
         raise typer.Exit(2)
 
 
+# ----------------------------------------------------------------------------- before the model loads
+
+# The rows each command trains on (macft.data's formats), checked before the model loads.
+DATA_KINDS = {"sft": "sft", "dpo": "preference", "cpo": "preference", "orpo": "preference", "kto": "unpaired",
+              "reward": "preference", "rlhf": "preference", "grpo": "prompt", "gspo": "prompt", "dr_grpo": "prompt",
+              "dapo": "prompt", "online_dpo": "prompt", "xpo": "prompt", "ppo": "prompt"}
+
+
+def check_before_loading(values: dict, data_kind: str | None):
+    """What can be checked in a second, checked before the model loads (which takes seconds to
+    minutes): the run directory and the data."""
+    if values.get("resume") and values.get("overwrite"):
+        raise CLIError("--resume continues the run in --adapter-path and --overwrite replaces it: give one of them")
+    if not values.get("resume"):
+        check_no_previous_run(values["adapter_path"], values.get("overwrite"))
+    if values.get("data") and data_kind:
+        check_data(values["data"], data_kind)
+
+
+def check_no_previous_run(adapter_path, overwrite: bool):
+    """A new run into a directory that holds an earlier one would replace its adapter, metrics and
+    run.json and leave its checkpoints beside the new ones (a later --resume would mix the two):
+    refused unless --overwrite says to replace it (the trainer then removes the earlier files)."""
+    from macft.run_dir import RunDirectory
+
+    found = RunDirectory(adapter_path, create=False).previous_run_files()
+    if found and not overwrite:
+        raise CLIError(f"--adapter-path {adapter_path} already holds a run ({', '.join(found)}); continue it with "
+                       "--resume, replace it with --overwrite, or choose another --adapter-path")
+
+
+def check_data(data, kind: str):
+    """Parse the local data (train split, and valid where there is one) and check that every row
+    has the keys ``kind`` needs; a hub dataset id is left to the trainer."""
+    from macft.data import _looks_like_path, has_split, load_rows  # _looks_like_path: load_rows' own rule
+
+    if not Path(str(data)).expanduser().exists() and not _looks_like_path(str(data)):
+        return  # a hub dataset id: loading it is the trainer's job
+    splits = ["train", *(["valid"] if has_split(data, "valid") else [])]
+    for split in splits:
+        rows = load_rows(data, split)
+        for index, row in enumerate(rows):
+            check_row_keys(row, kind, rows.where(index))
+
+
+def check_row_keys(row: dict, kind: str, where: str):
+    from macft.data import PREFERENCE_FORMAT, PROMPT_FORMAT, SFT_FORMATS, UNPAIRED_FORMAT, DataError
+
+    formats = {"sft": ([("text",), ("prompt", "completion"), ("messages",), ("conversations",)], SFT_FORMATS),
+               "preference": ([("prompt", "chosen", "rejected")], PREFERENCE_FORMAT),
+               "prompt": ([("prompt",)], PROMPT_FORMAT),
+               "unpaired": ([("prompt", "completion", "label"), ("prompt", "chosen", "rejected")], UNPAIRED_FORMAT)}
+    alternatives, description = formats[kind]
+    if any(all(key in row for key in keys) for keys in alternatives):
+        return
+    if len(alternatives) == 1:
+        missing = [key for key in alternatives[0] if key not in row]
+        raise DataError(f"{where}: missing key(s) {missing} (keys found: {sorted(row)}); accepted format: "
+                        f"{description}")
+    raise DataError(f"{where}: no accepted format matches the keys {sorted(row)}; accepted formats: {description}")
+
+
 # ----------------------------------------------------------------------------- training
+
+# Adapter settings (macft.model_files.PeftSettings fields) by the flag that sets them, for a resume
+# that changes them.
+ADAPTER_FLAGS = {"fine_tune_type": "--train-type", "r": "--lora-rank", "lora_alpha": "--lora-alpha",
+                 "use_rslora": "--use-rslora", "target_modules": "--target-modules", "num_layers": "--num-layers"}
 
 
 def load_model_for_training(values: dict):
     from macft import FastLanguageModel
 
     train_type = values["train_type"]
-    if train_type not in ("lora", "dora", "full"):
-        raise CLIError(f"--train-type {train_type!r}: expected lora, dora or full")
+    if train_type not in TRAIN_TYPES:
+        raise CLIError(f"--train-type {train_type!r}: must be lora, dora or full")
     model, tokenizer = FastLanguageModel.from_pretrained(
         values["model"], max_seq_length=values["max_seq_length"], load_in_4bit=values["load_in_4bit"],
         load_in_8bit=values["load_in_8bit"], full_finetuning=train_type == "full")
     if train_type != "full":
-        targets = values["target_modules"].split(",") if values["target_modules"] else None
+        blocks = FastLanguageModel.backend.num_layers(model)
+        if values["num_layers"] > blocks:
+            raise CLIError(f"--num-layers {values['num_layers']}: the model has {blocks} transformer blocks "
+                           "(-1 adapts them all)")
         FastLanguageModel.get_peft_model(
             model, r=values["lora_rank"], lora_alpha=values["lora_alpha"], lora_dropout=values["lora_dropout"],
-            target_modules=targets, use_rslora=values["use_rslora"], use_dora=train_type == "dora",
-            num_layers=values["num_layers"], use_gradient_checkpointing=values["grad_checkpoint"],
-            random_state=values["seed"])
+            target_modules=parse_target_modules(values["target_modules"], model), use_rslora=values["use_rslora"],
+            use_dora=train_type == "dora", num_layers=values["num_layers"],
+            use_gradient_checkpointing=values["grad_checkpoint"], random_state=values["seed"])
     elif values["grad_checkpoint"]:
         enable_full_model_checkpointing(model)
+    if values.get("resume"):
+        check_resume_adapter(resume_path(values), model)
     return model, tokenizer
+
+
+def parse_target_modules(text, model) -> list[str] | None:
+    """--target-modules as a list (None: the default projections); each name must be one of the
+    model's linear layers, or the adapter would silently leave it out."""
+    if not text:
+        return None
+    names = [name.strip() for name in str(text).split(",") if name.strip()]
+    if names == ["all-linear"]:
+        return None
+    valid = linear_module_names(model)
+    unknown = [name for name in names if name not in valid]
+    if unknown or not names:
+        raise CLIError(f"--target-modules {text!r}: {', '.join(unknown) or 'no name'} is not a linear layer of this "
+                       f"model; its linear layers are {','.join(valid)}")
+    return names
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the linear layers in the model's first transformer block (what --target-modules
+    may name), on this process' backend."""
+    from macft.backend import current
+
+    if current() == "mlx":
+        import mlx.nn as nn
+
+        block, is_linear = model.layers[0], lambda m: isinstance(m, (nn.Linear, nn.QuantizedLinear))
+    else:
+        from cuda_bridge.lora import _is_linear, decoder_layers  # add_adapters' own test of a target
+
+        block, is_linear = decoder_layers(model)[0], _is_linear
+    return sorted({name.rsplit(".", 1)[-1] for name, module in block.named_modules() if name and is_linear(module)})
+
+
+def check_resume_adapter(resume: Path, model):
+    """--resume with other adapter settings than the checkpoint's would load weights of one shape or
+    scale into adapters of another and save a config that disagrees with them: refused, naming the
+    flag. (The trainer checks again, naming the Python arguments, for scripts.)"""
+    from macft.training import adapter_changes
+
+    checkpoint, state = latest_checkpoint_state(resume)
+    if state is None:
+        return  # no checkpoint there: the trainer says so
+    saved = (state.get("model") or {}).get("peft") or {}
+    changes = adapter_changes(saved, asdict_or_empty(model.macft.peft))
+    if changes:
+        raise CLIError(f"cannot resume from {checkpoint}: " + ", ".join(
+            f"{ADAPTER_FLAGS[key]} is {_flag_text(here)} here but {_flag_text(there)} in the checkpoint"
+            for key, here, there in changes)
+            + "; resume with the checkpoint's adapter settings, or start a new run (--overwrite or another "
+              "--adapter-path)")
+
+
+def latest_checkpoint_state(resume: Path) -> tuple[Path | None, dict | None]:
+    """(checkpoint, its trainer_state.json) for --resume's run directory or checkpoint directory."""
+    from macft.run_dir import RunDirectory
+    from macft.training import TRAINER_STATE
+
+    checkpoint = Path(resume)
+    if checkpoint.name == "checkpoints" or (checkpoint / "checkpoints").is_dir():
+        run = checkpoint.parent if checkpoint.name == "checkpoints" else checkpoint
+        checkpoint = RunDirectory(run, create=False).latest_checkpoint()
+    if checkpoint is None or not (checkpoint / TRAINER_STATE).is_file():
+        return checkpoint, None
+    try:
+        return checkpoint, json.loads((checkpoint / TRAINER_STATE).read_text())
+    except ValueError:
+        return checkpoint, None
+
+
+def asdict_or_empty(settings) -> dict:
+    from dataclasses import asdict
+
+    return asdict(settings) if settings is not None else {}
+
+
+def _flag_text(value) -> str:
+    """A setting as the user would type it on the command line."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def enable_full_model_checkpointing(model):
@@ -244,6 +498,7 @@ def training_config_values(values: dict) -> dict:
         "save_steps": values["save_every"],
         "save_total_limit": values["keep_checkpoints"],
         "nan_patience": values["nan_patience"],
+        "overwrite_output_dir": bool(values.get("overwrite")),
     }
     if values["iters"] is not None:
         config["max_steps"] = values["iters"]
@@ -266,7 +521,9 @@ def print_summary(metrics: list[dict], output_dir, keys=("loss",)):
         values = [m[key] for m in metrics if isinstance(m.get(key), (int, float))]  # skipped steps log "nan"
         if values:
             name = "valid loss" if key == "eval_loss" else "train loss" if key == "loss" else key
-            parts.append(f"{name} {values[0]:.4f} -> {values[-1]:.4f}")
+            # "first -> last" only where there are two values: one evaluation is no change.
+            change = f"{values[0]:.4f} -> {values[-1]:.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+            parts.append(f"{name} {change}")
     typer.echo(f"{'; '.join(parts)}. Adapter and metrics in {output_dir}")
 
 
@@ -380,4 +637,5 @@ def main(argv=None, prog_name="macft"):
 
 def main_for(command: str):
     """Entry for ``python -m macft.<command>``: the same as ``macft <command>``."""
-    main([command, *sys.argv[1:]], prog_name=f"python -m macft.{command}")
+    # The usage line reads "python -m macft <command> [OPTIONS]": a command that works as printed.
+    main([command, *sys.argv[1:]], prog_name="python -m macft")

@@ -6,6 +6,7 @@ carries over. Fields TRL lacks follow mlx-lm-lora's names (``train_on_prompt``, 
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -18,6 +19,9 @@ class TrainingConfig:
     """What every trainer shares: optimisation, schedule, logging, checkpoints."""
 
     output_dir: str = "runs/latest"
+    # A previous run in output_dir (run.json, metrics, checkpoints, adapter) is an error unless the
+    # run resumes it or this is set; then its files are removed before training (transformers' name).
+    overwrite_output_dir: bool = False
     seed: int = 3407
 
     # Optimisation (AdamW).
@@ -48,6 +52,8 @@ class TrainingConfig:
     save_total_limit: int | None = 2
     # Non-finite loss/gradient steps are skipped; this many in a row stop the run.
     nan_patience: int = 3
+    # MLX: compile the training step (mx.compile). None: on where MLX runs on a GPU, off on the CPU.
+    compile_step: bool | None = None
     report_to: str | list | None = "none"  # accepted for TRL scripts; we log to metrics.jsonl
     disable_tqdm: bool = False
 
@@ -59,8 +65,14 @@ class TrainingConfig:
     logging_dir: str | None = None
 
     def __post_init__(self):
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if isinstance(self.learning_rate, bool) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        if not self.num_train_epochs > 0:  # max_steps <= 0 means "use the epochs", as in TRL
+            raise ConfigError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        for name in ("warmup_steps", "save_steps", "eval_steps", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:  # also catches nan
+                raise ConfigError(f"{name} must be >= 0, got {value}")
         if self.per_device_train_batch_size < 1:
             raise ConfigError(f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
         if self.gradient_accumulation_steps < 1:

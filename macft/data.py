@@ -100,24 +100,48 @@ def _is_hf_dataset(data) -> bool:
 
 
 def read_jsonl(path: Path) -> Rows:
-    """Rows of a JSON-lines file; blank lines are skipped."""
+    """Rows of a JSON-lines file (UTF-8, a leading byte-order mark allowed); blank lines are skipped."""
     rows, line_numbers = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_number}: malformed JSON ({e.msg} at column {e.colno})"
-                                ) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            line_numbers.append(line_number)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_number}: malformed JSON ({e.msg} at column {e.colno})"
+                                    ) from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+                line_numbers.append(line_number)
+    except UnicodeDecodeError:
+        # The text reader decodes whole blocks, so its error knows neither the line nor the offset.
+        raise DataError(_not_utf8_message(path)) from None
     if not rows:
         raise DataError(f"{path}: empty file, no rows")
     return Rows(rows, str(path), line_numbers)
+
+
+def _not_utf8_message(path: Path) -> str:
+    """Where the first byte that is not UTF-8 lies: line, column and offset in the file."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(0)
+        if head in (b"\xff\xfe", b"\xfe\xff"):
+            return f"{path}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+        offset = 0
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(raw[:e.start].decode("utf-8-sig")) + 1
+                return (f"{path}:{line_number}: not UTF-8 text: byte 0x{raw[e.start]:02x} at column {column} "
+                        f"(byte offset {offset + e.start} in the file) cannot be decoded ({e.reason}); "
+                        "save the file as UTF-8")
+            offset += len(raw)
+    return f"{path}: not UTF-8 text; save the file as UTF-8"
 
 
 def _rows_from_list(rows, source: str) -> Rows:
@@ -232,6 +256,52 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(_hf_tokenizer(tokenizer)(text, add_special_tokens=False)["input_ids"])
 
 
+# Over-long texts are cut before they are tokenized: a 30 MB line would otherwise be tokenized
+# whole (minutes, gigabytes) only to keep its first max_seq_length tokens. A cut is made only
+# where it cannot change the tokens kept, so truncation keeps exactly the tokens it kept before.
+#
+# First guess at the characters that hold a number of tokens: generous (English text averages
+# about 4 characters a token), and grown when the cut text still holds too few tokens.
+_CHARS_PER_TOKEN = 32
+# Tokens the cut text must hold beyond the kept ones. Tokenizing a cut text can change the tokens
+# next to the cut (a word cut in two, a merge across it), never as far as this from it: BPE and
+# unigram tokenizers decide each token from the text around it (tests/test_input_errors.py checks
+# byte-level BPE, BPE whose tokens span words, and unigram).
+_SLACK_TOKENS = 64
+
+
+def _head_text(tokenizer, text: str, keep: int) -> str:
+    """`text`, or, where it holds far more than `keep` tokens, a beginning of it whose tokens start
+    with the same `keep` tokens as the whole text's. The beginning holds more than `keep` tokens,
+    so the caller still truncates the sample and counts it as truncated."""
+    chars = (keep + _SLACK_TOKENS) * _CHARS_PER_TOKEN
+    while chars < len(text):
+        head = text[:_space_near(text, chars)]
+        if len(_encode(tokenizer, head)) >= keep + _SLACK_TOKENS:
+            return head
+        chars *= 4
+    return text
+
+
+def _tail_text(tokenizer, text: str, keep: int) -> str:
+    """As ``_head_text`` for the end of `text`: an end of it whose last `keep` tokens are the whole
+    text's last `keep` tokens (for prompts, which keep their last tokens)."""
+    chars = (keep + _SLACK_TOKENS) * _CHARS_PER_TOKEN
+    while chars < len(text):
+        tail = text[_space_near(text, len(text) - chars):]
+        if len(_encode(tokenizer, tail)) >= keep + _SLACK_TOKENS:
+            return tail
+        chars *= 4
+    return text
+
+
+def _space_near(text: str, position: int) -> int:
+    """A space's position just before `position`, or `position` itself where there is none near:
+    a cut between two words disturbs the fewest tokens."""
+    space = text.rfind(" ", max(0, position - 200), position)
+    return space if space > 0 else position
+
+
 def _leading_special_ids(tokenizer) -> list[int]:
     """The special tokens the tokenizer puts in front of plain text by itself (e.g. Llama's BOS).
     Found by comparing encodings with and without special tokens, so a tokenizer that also
@@ -320,8 +390,10 @@ class Example:
     loss_mask: list[int]
 
 
-def _char_spans_to_mask(tokenizer, text: str, spans: list[tuple[int, int]]):
+def _char_spans_to_mask(tokenizer, text: str, spans: list[tuple[int, int]], max_tokens: int | None = None):
     """Tokenize `text` once and mark the tokens that start inside one of the character spans.
+    With `max_tokens`, a text far longer than that is tokenized only as far as truncation to
+    max_tokens can see (``_head_text``).
 
     A token straddling a span's start (partly template header) is left out; one straddling its
     end is kept. Fast tokenizers give offsets; for others, a boundary's token index is the length
@@ -329,6 +401,8 @@ def _char_spans_to_mask(tokenizer, text: str, spans: list[tuple[int, int]]):
     template boundaries - special tokens and newlines - are).
     """
     hf = _hf_tokenizer(tokenizer)
+    if max_tokens is not None:
+        text = _head_text(tokenizer, text, max_tokens)  # spans past its end mark nothing that is kept
     try:
         encoded = hf(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
@@ -380,22 +454,25 @@ def _assistant_spans(tokenizer, messages: list[dict], full: str, first_target: i
     return spans
 
 
-def _tokenize_messages(tokenizer, messages, first_target: int, train_on_prompt: bool, where: str):
+def _tokenize_messages(tokenizer, messages, first_target: int, train_on_prompt: bool, where: str,
+                       max_tokens: int | None = None):
     full = _render(tokenizer, messages, False, where)
     if train_on_prompt:
         spans = [(0, len(full))]
     else:
         spans = _assistant_spans(tokenizer, messages, full, first_target, where)
-    return _char_spans_to_mask(tokenizer, full, spans)
+    return _char_spans_to_mask(tokenizer, full, spans, max_tokens)
 
 
 def _tokenize_sft_row(row: dict, tokenizer, train_on_prompt: bool, where: str, bos: list[int],
-                      eos: list[int]) -> tuple[list[int], list[int]]:
+                      eos: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+    """The row's ids and loss mask; at least its first max_tokens ids are exact (see
+    ``_head_text``): tokenize_sft keeps the first max_seq_length."""
     if "messages" in row or "conversations" in row:
         key = "messages" if "messages" in row else "conversations"
         messages = _messages(row[key], where, key)
         _need_chat_template(tokenizer, where, f"{key!r} rows")
-        return _tokenize_messages(tokenizer, messages, 0, train_on_prompt, where)
+        return _tokenize_messages(tokenizer, messages, 0, train_on_prompt, where, max_tokens)
     if "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, list) or isinstance(completion, list):
@@ -404,15 +481,16 @@ def _tokenize_sft_row(row: dict, tokenizer, train_on_prompt: bool, where: str, b
             prompt_messages = _as_messages(prompt, "user", where, "prompt")
             messages = prompt_messages + _as_messages(completion, "assistant", where, "completion")
             _need_chat_template(tokenizer, where, "message-list prompts/completions")
-            return _tokenize_messages(tokenizer, messages, len(prompt_messages), train_on_prompt, where)
+            return _tokenize_messages(tokenizer, messages, len(prompt_messages), train_on_prompt, where,
+                                      max_tokens)
         # Plain strings are concatenated as they are (TRL's behaviour); tokenized separately so
         # that the prompt's tokens are the ones the model will see at generation time.
-        prompt_ids = bos + _encode(tokenizer, _string(row, "prompt", where))
-        completion_ids = _encode(tokenizer, _string(row, "completion", where)) + eos
+        prompt_ids = bos + _encode(tokenizer, _head_text(tokenizer, _string(row, "prompt", where), max_tokens))
+        completion_ids = _encode(tokenizer, _head_text(tokenizer, _string(row, "completion", where), max_tokens)) + eos
         mask = [int(train_on_prompt)] * len(prompt_ids) + [1] * len(completion_ids)
         return prompt_ids + completion_ids, mask
     if "text" in row:
-        ids = bos + _encode(tokenizer, _string(row, "text", where)) + eos
+        ids = bos + _encode(tokenizer, _head_text(tokenizer, _string(row, "text", where), max_tokens)) + eos
         return ids, [0] * len(bos) + [1] * (len(ids) - len(bos))
     raise DataError(f"{where}: no SFT format matches the keys {sorted(row)}; accepted formats: {SFT_FORMATS}")
 
@@ -435,7 +513,7 @@ def tokenize_sft(rows, tokenizer, max_seq_length: int, train_on_prompt: bool = F
     examples, truncated, dropped = [], 0, 0
     for i, row in enumerate(rows):
         where = rows.where(i) if rows.source == source else f"{source} row {i + 1}"
-        ids, mask = _tokenize_sft_row(row, tokenizer, train_on_prompt, where, bos, eos)
+        ids, mask = _tokenize_sft_row(row, tokenizer, train_on_prompt, where, bos, eos, max_seq_length)
         if len(ids) > max_seq_length:
             ids, mask = ids[:max_seq_length], mask[:max_seq_length]
             truncated += 1
@@ -542,10 +620,15 @@ def _prompt_messages(prompt, system, where: str) -> list[dict]:
     return messages
 
 
-def _render_prompt(row: dict, tokenizer, where: str, bos: list[int], system=None):
+def _render_prompt(row: dict, tokenizer, where: str, bos: list[int], system=None,
+                   max_prompt_length: int | None = None, max_length: int | None = None):
     """The prompt as text and ids, plus its messages when a chat template rendered it.
     With a chat template, a string prompt becomes one user message and the text ends with the
-    assistant generation header; without one, the string is used as it is."""
+    assistant generation header; without one, the string is used as it is.
+
+    The ids are all of the prompt's, except for a prompt far longer than the caller can keep:
+    then its last max_prompt_length ids are exact, or with no max_prompt_length, its first
+    max_length (enough to see that it leaves no room for a completion)."""
     prompt = row["prompt"]
     if not isinstance(prompt, (str, list)):
         raise DataError(f"{where}: 'prompt' must be a string or a message list, got {_describe(prompt)}")
@@ -554,26 +637,37 @@ def _render_prompt(row: dict, tokenizer, where: str, bos: list[int], system=None
     if has_chat_template(tokenizer):
         messages = _prompt_messages(prompt, system, where)
         text = _render(tokenizer, messages, True, where)
-        return text, _encode(tokenizer, text), messages
+        return text, _encode(tokenizer, _prompt_part(tokenizer, text, max_prompt_length, max_length)), messages
     if isinstance(prompt, list):
         _need_chat_template(tokenizer, where, "message-list prompts")
     text = prompt if system is None else f"{system}\n\n{prompt}"
-    return text, bos + _encode(tokenizer, text), None
+    return text, bos + _encode(tokenizer, _prompt_part(tokenizer, text, max_prompt_length, max_length)), None
+
+
+def _prompt_part(tokenizer, text: str, max_prompt_length: int | None, max_length: int | None) -> str:
+    """The part of a prompt's text worth tokenizing: prompts keep their last max_prompt_length
+    tokens; with no such limit, only whether the prompt is longer than max_length matters."""
+    if max_prompt_length is not None:
+        return _tail_text(tokenizer, text, max_prompt_length)
+    if max_length is not None:
+        return _head_text(tokenizer, text, max_length)
+    return text
 
 
 def _completion_ids(value, key: str, tokenizer, messages, prompt_text: str, eos: list[int],
-                    where: str) -> list[int]:
+                    where: str, max_tokens: int) -> list[int]:
+    """The completion's ids; the first max_tokens are exact (completions keep their first tokens)."""
     if not isinstance(value, (str, list)):
         raise DataError(f"{where}: {key!r} must be a string or a message list, got {_describe(value)}")
     if messages is None:
         if isinstance(value, list):
             _need_chat_template(tokenizer, where, "message-list completions")
-        return _encode(tokenizer, value) + eos
+        return _encode(tokenizer, _head_text(tokenizer, value, max_tokens)) + eos
     full = _render(tokenizer, messages + _as_messages(value, "assistant", where, key), False, where)
     if not full.startswith(prompt_text):
         raise DataError(f"{where}: the chat template does not render the prompt as a prefix of prompt + {key}")
     # Up to the end-of-turn token; the newline the template writes after it is never generated.
-    return _encode(tokenizer, full[len(prompt_text):].rstrip())
+    return _encode(tokenizer, _head_text(tokenizer, full[len(prompt_text):].rstrip(), max_tokens))
 
 
 def tokenize_preference(rows, tokenizer, max_seq_length: int, max_prompt_length: int | None = None,
@@ -596,9 +690,12 @@ def tokenize_preference(rows, tokenizer, max_seq_length: int, max_prompt_length:
         if missing:
             raise DataError(f"{where}: missing key(s) {missing} (keys found: {sorted(row)}); "
                             f"accepted format: {PREFERENCE_FORMAT}")
-        prompt_text, prompt_ids, messages = _render_prompt(row, tokenizer, where, bos, row.get("system"))
-        chosen = _completion_ids(row["chosen"], "chosen", tokenizer, messages, prompt_text, eos, where)
-        rejected = _completion_ids(row["rejected"], "rejected", tokenizer, messages, prompt_text, eos, where)
+        prompt_text, prompt_ids, messages = _render_prompt(row, tokenizer, where, bos, row.get("system"),
+                                                           max_prompt_length, max_seq_length)
+        chosen = _completion_ids(row["chosen"], "chosen", tokenizer, messages, prompt_text, eos, where,
+                                 max_seq_length)
+        rejected = _completion_ids(row["rejected"], "rejected", tokenizer, messages, prompt_text, eos, where,
+                                   max_seq_length)
         was_truncated = False
         if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
             prompt_ids, was_truncated = prompt_ids[-max_prompt_length:], True
@@ -642,7 +739,7 @@ def tokenize_prompts(rows, tokenizer, max_prompt_length: int | None = None,
         if "prompt" not in row:
             raise DataError(f"{where}: missing key 'prompt' (keys found: {sorted(row)}); "
                             f"accepted format: {PROMPT_FORMAT}")
-        prompt_text, prompt_ids, _ = _render_prompt(row, tokenizer, where, bos)
+        prompt_text, prompt_ids, _ = _render_prompt(row, tokenizer, where, bos, max_prompt_length=max_prompt_length)
         if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
             prompt_ids = prompt_ids[-max_prompt_length:]
             prompt_text = _hf_tokenizer(tokenizer).decode(prompt_ids)
@@ -702,7 +799,8 @@ def tokenize_unpaired(rows, tokenizer, max_length: int, max_prompt_length: int |
         if missing:
             raise DataError(f"{where}: missing key(s) {missing} (keys found: {sorted(row)}); "
                             f"accepted formats: {UNPAIRED_FORMAT}")
-        prompt_text, prompt_ids, messages = _render_prompt(row, tokenizer, where, bos, row.get("system"))
+        prompt_text, prompt_ids, messages = _render_prompt(row, tokenizer, where, bos, row.get("system"),
+                                                           max_prompt_length, max_length)
         if paired:
             completions = [(row["chosen"], "chosen", True), (row["rejected"], "rejected", False)]
         else:
@@ -711,7 +809,7 @@ def tokenize_unpaired(rows, tokenizer, max_length: int, max_prompt_length: int |
             prompt_ids, truncated = prompt_ids[-max_prompt_length:], truncated + 1
         room = max_length - len(prompt_ids)
         for value, key, label in completions:
-            completion = _completion_ids(value, key, tokenizer, messages, prompt_text, eos, where)
+            completion = _completion_ids(value, key, tokenizer, messages, prompt_text, eos, where, max_length)
             if len(completion) > room:
                 completion, truncated = completion[:max(room, 0)], truncated + 1
             if not completion:

@@ -1,10 +1,11 @@
 """`macft report RUN_DIR [--out FILE]`: one self-contained HTML page about a run.
 
 The page needs nothing but itself (no scripts, no network, no files beside it): the metric curves
-are inline SVG drawn by matplotlib, then the run's facts from run.json (model, data hashes, seed,
-command line, versions, git commit), each metric's last and best value, the skipped
-(non-finite) steps, and the checkpoints on disk. Written atomically, so a browser open on it
-never shows half a page.
+are inline SVG drawn by matplotlib, two to a row, then the run's facts from run.json (model and its
+files, data hashes, seed, command line, versions, git commit), each metric's last value and, where
+the metric has a direction (a loss, a reward, an accuracy), its best, the skipped (non-finite)
+steps, and the checkpoints on disk. Written atomically, so a browser open on it never shows half a
+page.
 """
 
 import html
@@ -17,12 +18,21 @@ from pathlib import Path
 from macft.atomic import atomic_write_text
 from macft.run_dir import format_bytes, read_metrics
 
-# Metrics where larger is better; every other metric counts as "lower is better" for the best column.
-_HIGHER_IS_BETTER = ("reward", "accuracy", "margin", "kept_groups_frac")
+# Which way a metric gets better, for the "best" column: the first entry whose text is part of
+# the metric's name (eval_ dropped) decides, and a metric that matches none has no best. A best
+# learning rate, gradient norm, KL, step time, throughput, memory or clip fraction means
+# nothing, nor does a spread (std); DPO's implicit rewards of the chosen and of the rejected
+# answers only mean something as their margin, and PPO's non-score reward is the KL penalty.
+BETTER = (
+    ("std", None), ("rewards/chosen", None), ("rewards/rejected", None), ("non_score_reward", None),
+    ("loss", "min"),
+    ("reward", "max"), ("margin", "max"), ("accurac", "max"), ("model_scores", "max"), ("policy_win_rate", "max"),
+)
 # Recorded per step but not worth a panel of their own.
 _NOT_PLOTTED = {"step", "epoch", "tokens", "skipped"}
 _FIRST = ("loss", "reward", "reward_mean", "learning_rate", "grad_norm", "kl", "tokens_per_sec", "peak_memory_gb")
 MAX_PANELS = 24
+PANEL_SIZE = (4.6, 3.0)  # inches; the page lays panels out two to a row
 
 
 class ReportError(ValueError):
@@ -66,8 +76,7 @@ def render_report(run_dir) -> str:
     if panels is None:
         parts.append("<p class=warn>The curves need matplotlib: pip install 'macft[plots]'.</p>")
     else:
-        parts.append("<div class=plots>" + "".join(f"<figure>{svg}</figure>" for svg in panels) + "</div>"
-                     if panels else "<p>No metrics were logged.</p>")
+        parts.append(plots_grid(panels) if panels else "<p>No metrics were logged.</p>")
     parts.append("<h2>Metrics</h2>" + metrics_table(series))
     parts.append("<h2>Run</h2>" + facts_table(facts))
     parts.append("<h2>Checkpoints</h2>" + checkpoints_table(run_dir))
@@ -107,7 +116,25 @@ def panel_groups(names) -> list[tuple[str, ...]]:
         if group:
             used.update(group)
             groups.append(group)
+    return groups
+
+
+def plotted_groups(series: dict) -> list[tuple[str, ...]]:
+    """The panels to draw: each keeps only the series that have a finite value to draw (so its
+    title names only what it shows), and a metric with none gets no panel (the metrics table
+    still lists it)."""
+    groups = []
+    for group in panel_groups(series):
+        drawn = tuple(name for name in group if any(math.isfinite(v) for _, v in series[name]))
+        if drawn:
+            groups.append(drawn)
     return groups[:MAX_PANELS]
+
+
+def is_wide(index: int, count: int) -> bool:
+    """Panels go two to a row; with an odd count the last one spans the whole row, so the page
+    has no empty cell."""
+    return count % 2 == 1 and index == count - 1
 
 
 def plot_panels(series: dict, skipped: list[int]) -> list[str]:
@@ -119,9 +146,12 @@ def plot_panels(series: dict, skipped: list[int]) -> list[str]:
     from matplotlib.ticker import MaxNLocator
 
     panels = []
+    groups = plotted_groups(series)
     with matplotlib.rc_context({"svg.fonttype": "none", "font.size": 9}):
-        for group in panel_groups(series):
-            fig, ax = plt.subplots(figsize=(4.6, 3.0))
+        for index, group in enumerate(groups):
+            width, height = PANEL_SIZE
+            # A panel that spans the row is twice as wide, and as tall as the others.
+            fig, ax = plt.subplots(figsize=(2 * width if is_wide(index, len(groups)) else width, height))
             for name in group:
                 points = [(s, v) for s, v in series[name] if math.isfinite(v)]
                 if points:
@@ -129,7 +159,7 @@ def plot_panels(series: dict, skipped: list[int]) -> list[str]:
                     ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, linewidth=1.5, label=name)
             for step in skipped:  # where the numerics guard skipped a step
                 ax.axvline(step, color="#d62728", alpha=0.35, linewidth=1)
-            ax.set_title(" / ".join(group))
+            ax.set_title(" / ".join(group), gid="panel-title")  # the gid lets a test find the title
             ax.set_xlabel("step")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
@@ -144,6 +174,21 @@ def plot_panels(series: dict, skipped: list[int]) -> list[str]:
     return panels
 
 
+def plots_grid(panels: list[str]) -> str:
+    figures = "".join(f"<figure class=wide>{svg}</figure>" if is_wide(i, len(panels)) else f"<figure>{svg}</figure>"
+                      for i, svg in enumerate(panels))
+    return f"<div class=plots>{figures}</div>"
+
+
+def best_direction(name: str) -> str | None:
+    """Which way `name` gets better: "min", "max", or None where a best value means nothing (BETTER)."""
+    base = name[5:] if name.startswith("eval_") else name
+    for part, direction in BETTER:
+        if part in base:
+            return direction
+    return None
+
+
 def metrics_table(series: dict) -> str:
     rows = []
     for group in panel_groups(series):
@@ -153,11 +198,13 @@ def metrics_table(series: dict) -> str:
                 rows.append((name, "-", "-", len(series[name])))
                 continue
             last_step, last = series[name][-1]
-            base = name[5:] if name.startswith("eval_") else name
-            higher = (base.startswith(_HIGHER_IS_BETTER) or base.endswith("tokens_per_sec")) and "std" not in base
-            best_step, best = (max if higher else min)(finite, key=lambda p: p[1])
-            rows.append((name, f"{_fmt(last)} (step {last_step})",
-                         f"{_fmt(best)} (step {best_step}, {'max' if higher else 'min'})", len(series[name])))
+            direction = best_direction(name)
+            if direction is None:
+                best = "-"
+            else:
+                best_step, value = (max if direction == "max" else min)(finite, key=lambda p: p[1])
+                best = f"{_fmt(value)} (step {best_step}, {direction})"
+            rows.append((name, f"{_fmt(last)} (step {last_step})", best, len(series[name])))
     if not rows:
         return "<p>No metrics.</p>"
     return _table(rows, header=("metric", "last", "best", "points"))
@@ -174,7 +221,7 @@ def facts_table(facts: dict) -> str:
         ("backend / device", f"{facts.get('backend')} / {facts.get('device')}"),
         ("model", model.get("name_or_path")),
         ("model type", model.get("model_type")),
-        ("model files", _value(model.get("files")) if model.get("files") else None),
+        ("model files", model_files_table(model["files"]) if model.get("files") else None),
         ("fine-tuning", ", ".join(f"{k}={v}" for k, v in peft.items() if k != "keys") if peft else None),
         ("load bits", model.get("load_bits")),
         ("seed", facts.get("seed")),
@@ -192,6 +239,20 @@ def facts_table(facts: dict) -> str:
     for name, info in (facts.get("reward_files") or {}).items():
         rows.append((f"reward function {name}", f"{info.get('file')} (sha256 {info.get('sha256')})"))
     return _table([(k, v) for k, v in rows if v not in (None, "", "None / None")])
+
+
+def model_files_table(files) -> str:
+    """run.json's {name: {"bytes", "sha256"}} as a table: file, size, the start of its sha256 (the
+    whole of it on hover). Weights are not hashed when the model is large (run_dir.model_files_facts)."""
+    if not isinstance(files, dict) or not all(isinstance(info, dict) for info in files.values()):
+        return _value(files)  # not the layout run_dir writes: show it as it is
+    rows = []
+    for name, info in files.items():
+        digest = info.get("sha256")
+        digest_cell = (_Html(f'<code title="{_e(digest)}">{_e(digest[:12])}</code>') if digest
+                       else "not hashed (large weights)")
+        rows.append((name, format_bytes(info.get("bytes")), digest_cell))
+    return _Html(_table(rows, header=("file", "size", "sha256")))
 
 
 def checkpoints_table(run_dir: Path) -> str:
@@ -223,9 +284,14 @@ def report_command(run_dir: Path, out: Path | None = None):
     typer.echo(f"wrote {path}")
 
 
+class _Html(str):
+    """A table cell that is HTML already (a nested table), not text to escape."""
+
+
 def _table(rows, header=None) -> str:
     head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Html) else _e(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
     return f"<table>{head}{body}</table>"
 
 
@@ -255,8 +321,11 @@ _PAGE = """<!DOCTYPE html>
 body {{ font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px; color: #222; }}
 h1 {{ font-size: 22px; margin-bottom: 4px; }} h2 {{ font-size: 17px; margin-top: 28px; }}
 .sub {{ color: #555; margin-top: 0; }} .warn {{ color: #b00; }}
-.plots {{ display: flex; flex-wrap: wrap; gap: 8px; }}
-figure {{ margin: 0; border: 1px solid #ddd; background: #fff; }} figure svg {{ display: block; }}
+.plots {{ display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 8px; max-width: 1200px; }}
+.plots figure.wide {{ grid-column: 1 / -1; }}
+@media (max-width: 700px) {{ .plots {{ grid-template-columns: minmax(0, 1fr); }} }}
+figure {{ margin: 0; border: 1px solid #ddd; background: #fff; }}
+figure svg {{ display: block; width: 100%; height: auto; }}
 table {{ border-collapse: collapse; font-size: 13px; margin: 4px 0; }}
 td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }}
 th {{ background: #f4f4f4; }} td {{ word-break: break-all; max-width: 900px; }}

@@ -23,6 +23,17 @@ from pathlib import Path
 from macft.atomic import atomic_dir, atomic_write_json
 from macft.errors import TrainingError
 
+# What a finished or stopped run leaves in its directory: any of these means the directory holds a
+# run that a new one (not resuming it) would silently mix with or replace.
+RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "adapters.safetensors", "adapter_model.safetensors",
+               "adapter_config.json", "value_head.safetensors", "value_head.json", "reward_model", "value_model")
+# Everything a run writes, removed when a new run replaces it (--overwrite / overwrite_output_dir=True).
+RUN_OUTPUTS = (*RUN_MARKERS, "plots.png", "report.html")
+# A full fine-tune's final model directory, removed too when run.json says the run was one.
+FULL_MODEL_OUTPUTS = ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                      "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                      "generation_config.json", "tokenizer.model")
+
 _PACKAGES = ("macft", "mlx", "mlx-metal", "mlx-cuda", "mlx-lm", "torch", "triton", "transformers", "tokenizers", "trl",
              "peft", "numpy", "safetensors")
 
@@ -37,6 +48,37 @@ class RunDirectory:
                 raise TrainingError(f"cannot create the output directory {self.path}: {e.strerror or e}") from None
         self.metrics_path = self.path / "metrics.jsonl"
         self.checkpoints = self.path / "checkpoints"
+
+    # -- a previous run in the same directory
+    def previous_run_files(self) -> list[str]:
+        """Names of what an earlier run left here (empty: nothing, so a new run may start)."""
+        found = []
+        for name in RUN_MARKERS:
+            path = self.path / name
+            if path.is_file() or (path.is_dir() and any(path.iterdir())):
+                found.append(name + ("/" if path.is_dir() else ""))
+        return found
+
+    def clear_previous_run(self):
+        """Remove an earlier run's files so that a new run starts clean; other files stay."""
+        names = list(RUN_OUTPUTS)
+        if self._previous_run_was_full_fine_tune():
+            names += FULL_MODEL_OUTPUTS
+            names += [p.name for p in self.path.glob("model-*.safetensors")]
+        for name in names:
+            path = self.path / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+    def _previous_run_was_full_fine_tune(self) -> bool:
+        try:
+            record = json.loads((self.path / "run.json").read_text())
+        except (OSError, ValueError):
+            return False
+        peft = (record.get("model") or {}).get("peft") or {}
+        return peft.get("fine_tune_type") == "full"
 
     # -- disk checks (before training, so a run does not die at its first checkpoint)
     def check_writable(self):
@@ -136,6 +178,10 @@ class RunDirectory:
         atomic_write_text(self.metrics_path, atomic_text)
 
     # -- checkpoints
+    def has_evaluation_at(self, step: int) -> bool:
+        """Whether an evaluation record for ``step`` is already logged (a resumed finished run)."""
+        return any(m.get("step") == step and any(k.startswith("eval_") for k in m) for m in self.read_metrics())
+
     def save_checkpoint(self, step: int, write, keep: int | None):
         """``write(tmp_dir)`` fills the checkpoint; it appears as checkpoints/step_N only when complete."""
         target = self.checkpoints / f"step_{step}"
@@ -161,6 +207,18 @@ class RunDirectory:
     def plot(self, curves: list[tuple[str, ...]], filename: str = "plots.png") -> Path | None:
         """One panel per tuple of metric names; returns None where matplotlib is absent."""
         return plot_metrics(self.read_metrics(), curves, self.path / filename)
+
+
+def remove_if_empty(path) -> bool:
+    """Remove ``path`` if it is a directory holding no file at any depth (only empty folders, as a
+    run that failed before its first step leaves them); returns whether it did."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if any(not p.is_dir() or p.is_symlink() for p in path.rglob("*")):
+        return False
+    shutil.rmtree(path)
+    return True
 
 
 def plot_metrics(records: list[dict], curves, out: Path) -> Path | None:

@@ -27,8 +27,10 @@ What keeps a run alive (issue 8), here so that every trainer on both backends ha
 It imports neither mlx nor torch.
 """
 
+import contextlib
 import errno
 import json
+import logging
 import math
 import random
 import shlex
@@ -50,13 +52,20 @@ TRAINER_STATE = "trainer_state.json"
 
 # Config fields a resume may change without warning: where and how often things are written, and
 # how long to train.
-_RESUME_FREE_FIELDS = {"output_dir", "max_steps", "num_train_epochs", "logging_steps", "eval_steps", "eval_batches",
-                       "per_device_eval_batch_size", "save_steps", "save_total_limit", "report_to", "disable_tqdm",
-                       "nan_patience", "logging_dir", "dataloader_num_workers", "use_cpu", "bf16", "fp16"}
+_RESUME_FREE_FIELDS = {"output_dir", "overwrite_output_dir", "max_steps", "num_train_epochs", "logging_steps",
+                       "eval_steps", "eval_batches", "per_device_eval_batch_size", "save_steps", "save_total_limit",
+                       "report_to", "disable_tqdm", "nan_patience", "logging_dir", "dataloader_num_workers",
+                       "use_cpu", "bf16", "fp16", "compile_step"}
 # Fields that fix the data position and the random streams: a resume that changes them cannot
 # continue the same run.
 _RESUME_FIXED_FIELDS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
                         "num_iterations", "num_ppo_epochs", "num_mini_batches")
+# The adapter settings a resume must keep (the checkpoint's weights have their shape and scale), with
+# the Python argument that sets each; the CLI names its flags instead (macft.cli.ADAPTER_FLAGS).
+ADAPTER_ARGUMENTS = {"fine_tune_type": "the fine-tune type (get_peft_model's use_dora=, from_pretrained's "
+                                       "full_finetuning=)",
+                     "r": "r", "lora_alpha": "lora_alpha", "use_rslora": "use_rslora",
+                     "target_modules": "target_modules", "num_layers": "num_layers"}
 # Failed writes that are the machine's state, not a bug: reported as a TrainingError naming the path.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
@@ -84,6 +93,7 @@ class TrainingLoop:
         self.resumed_from: Path | None = None
         self.step_metrics: dict = {}
         self.data_files: list = []
+        self._progress_bar = None  # while the loop runs, so that a warning can clear it first
 
     # -- data and loss hooks (algorithm subclasses)
     def default_config(self) -> TrainingConfig:
@@ -202,8 +212,14 @@ class TrainingLoop:
                                 schedule=self.args.lr_scheduler_type)
 
     def train(self, resume_from_checkpoint=None):
+        with _one_line_warnings(lambda: getattr(self, "_progress_bar", None)), _quiet_sequence_length_warning():
+            return self._train(resume_from_checkpoint)
+
+    def _train(self, resume_from_checkpoint=None):
         from tqdm import tqdm
 
+        if not resume_from_checkpoint:
+            self._start_clean()  # before anything is written: a refusal leaves the directory as it was
         self.run.check_writable()  # before the (possibly long) data preparation
         self.seed(self.args.seed)
         np.random.seed(self.args.seed % (2**32))
@@ -222,8 +238,9 @@ class TrainingLoop:
         batches = self._step_batches()
         bar = tqdm(total=total, initial=self.state["step"], desc=type(self).__name__, unit="step",
                    disable=self.args.disable_tqdm, dynamic_ncols=True)
+        self._progress_bar = bar
         self.reset_peak_memory()
-        stop = _StopRequest(bar)
+        stop = _StopRequest(bar, self.run.latest_checkpoint, lambda: self.state["step"])
         nonfinite = []  # the steps skipped in a row
         try:
             stop.install()
@@ -251,7 +268,7 @@ class TrainingLoop:
                     self._disk_write(self.run.metrics_path, lambda: self.run.log(record))
                 if len(nonfinite) >= self.args.nan_patience:
                     self._stop_after_nonfinite(nonfinite)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+                bar.set_postfix(progress_postfix(record))
                 bar.update(1)
                 if stop.signum is not None:
                     raise self._interrupted(stop.signum)
@@ -262,12 +279,28 @@ class TrainingLoop:
         finally:
             stop.restore()
             bar.close()  # so an error message starts on its own line
-        self.evaluate_and_log()
+            self._progress_bar = None
+        if not self.run.has_evaluation_at(self.state["step"]):  # resuming a finished run logs it once
+            self.evaluate_and_log()
         self.save_checkpoint()
         self._disk_write(self.args.output_dir, lambda: self.save_model(self.args.output_dir))
         self._disk_write(self.run.path / "plots.png", lambda: self.run.plot(list(self.metric_curves)))
         self.set_training_mode(False)
         return self.run.read_metrics()
+
+    def _start_clean(self):
+        """A new run (not a resume) in a directory that holds an earlier one: refuse, unless
+        ``overwrite_output_dir`` asks to replace it; then the earlier run's files go first, so its
+        checkpoints, metrics and adapter cannot mix with this run's."""
+        found = self.run.previous_run_files()
+        if not found:
+            return
+        if not self.args.overwrite_output_dir:
+            raise TrainingError(
+                f"{self.run.path} already holds a run ({', '.join(found)}); continue it with "
+                f"trainer.train(resume_from_checkpoint={str(self.run.path)!r}), replace it with "
+                "overwrite_output_dir=True in the config, or choose another output_dir")
+        self._disk_write(self.run.path, self.run.clear_previous_run)
 
     def _reseed(self, step: int):
         """Randomness (dropout, anything drawing from numpy's or Python's global generator) is a
@@ -442,6 +475,18 @@ class TrainingLoop:
         if changed:
             self._warn(f"resuming from {checkpoint} with a different config: " + ", ".join(
                 f"{k} {saved_config[k]!r} -> {config[k]!r}" for k in changed))
+        saved_peft = (saved.get("model") or {}).get("peft") or {}
+        peft = self.model_facts().get("peft") or {}
+        adapter = adapter_changes(saved_peft, peft)
+        if adapter:
+            raise TrainingError(f"cannot resume from {checkpoint}: " + ", ".join(
+                f"{ADAPTER_ARGUMENTS[k]} is {here!r} here but {there!r} in the checkpoint"
+                for k, here, there in adapter)
+                + "; its weights have the checkpoint's shape and scale: resume with the same adapter settings or "
+                  "start a new run")
+        if saved_peft and peft and saved_peft.get("lora_dropout") != peft.get("lora_dropout"):
+            self._warn(f"resuming from {checkpoint} with lora_dropout {peft.get('lora_dropout')!r} (the checkpoint "
+                       f"trained with {saved_peft.get('lora_dropout')!r})")
         data = self._data_hashes()
         moved = [name for name, digest in (saved.get("data") or {}).items() if name in data and data[name] != digest]
         if moved:
@@ -487,12 +532,92 @@ class TrainingWarning(UserWarning):
     """Something in a run that the user should know about but that does not stop it."""
 
 
+def adapter_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(setting, value here, value in the checkpoint) for each adapter setting (``PeftSettings``
+    fields) that differs; only the fine-tune type when that differs (the rest then means nothing).
+    Empty where either side is unknown (a checkpoint from before the settings were recorded)."""
+    if not saved or not current:
+        return []
+    if saved.get("fine_tune_type") != current.get("fine_tune_type"):
+        return [("fine_tune_type", current.get("fine_tune_type"), saved.get("fine_tune_type"))]
+    if current.get("fine_tune_type") == "full":
+        return []
+    changes = []
+    for key in ("r", "lora_alpha", "use_rslora", "target_modules", "num_layers"):
+        here, there = current.get(key), saved.get(key)
+        if key == "target_modules":
+            here, there = sorted(here or []), sorted(there or [])
+        elif key == "lora_alpha" and here is not None and there is not None:
+            here, there = float(here), float(there)
+        if here != there:
+            changes.append((key, here, there))
+    return changes
+
+
+def progress_postfix(record: dict) -> dict:
+    """What the progress bar shows after a step: the loss, the mean reward where the step has one
+    (an online trainer's loss sits near 0 and says little), and tokens/s."""
+    postfix = {"loss": f"{record['loss']:.4f}"}
+    reward = record.get("reward_mean")
+    if isinstance(reward, (int, float)):
+        postfix["reward"] = f"{reward:.4f}"
+    postfix["tok_s"] = f"{record['tokens_per_sec']:.0f}"
+    return postfix
+
+
+@contextlib.contextmanager
+def _one_line_warnings(progress_bar):
+    """Warnings shown during a run print as one line, ``Category: message``, without the source
+    line Python echoes after it; the progress bar (``progress_bar()``, None before the loop) is
+    cleared first so that the line does not run into it, and redraws at its next update. Recorded
+    warnings (``pytest.warns``, ``catch_warnings(record=True)``) are not formatted, so unaffected."""
+    original = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        bar = progress_bar()
+        if bar is not None and not bar.disable:
+            bar.clear()
+        return f"{category.__name__}: {message}\n"
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
+class _DropSequenceLengthWarning(logging.Filter):
+    """transformers warns that a tokenized sample is longer than the model's maximum and "will
+    result in indexing errors"; the data loaders truncate every sample to max_seq_length themselves
+    (and count them), so during a run that warning is wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token indices sequence length is longer than")
+
+
+_SEQUENCE_LENGTH_LOGGER = "transformers.tokenization_utils_base"
+
+
+@contextlib.contextmanager
+def _quiet_sequence_length_warning():
+    logger = logging.getLogger(_SEQUENCE_LENGTH_LOGGER)
+    quiet = _DropSequenceLengthWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 class _StopRequest:
     """SIGINT/SIGTERM while training: remember the signal, let the step finish. A second signal
+    says that no checkpoint will be written for the step in progress (and which one is the last),
     restores the previous handlers and re-raises, to stop at once."""
 
-    def __init__(self, bar):
+    def __init__(self, bar, latest_checkpoint=lambda: None, current_step=lambda: None):
         self.bar = bar
+        self.latest_checkpoint = latest_checkpoint
+        self.current_step = current_step
         self.signum = None
         self.previous = {}
 
@@ -504,12 +629,25 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
+            self.bar.write(self.stop_now_message(signum), file=sys.stderr)
             self.restore()
             signal.raise_signal(signum)
             return
         self.signum = signum
         self.bar.write(f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
                        "(send it again to stop at once)", file=sys.stderr)
+
+    def stop_now_message(self, signum) -> str:
+        step = self.current_step()
+        in_progress = f"step {step + 1}" if isinstance(step, int) else "the step in progress"
+        try:
+            latest = self.latest_checkpoint()
+        except OSError:
+            latest = None
+        kept = (f"the last checkpoint is {latest} (--resume continues from it)" if latest else
+                "no checkpoint exists yet, so the run cannot be resumed")
+        return (f"{signal.Signals(signum).name} again: stopping now; no checkpoint was written for {in_progress}; "
+                f"{kept}")
 
     def restore(self):
         for signum, handler in self.previous.items():

@@ -427,7 +427,7 @@ def test_report_renders_in_headless_chromium(sft_setup, tmp_path):
 
     # The browser's DOM holds one parsed SVG per panel with drawn paths, and the metrics table.
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    figures = re.findall(r"<figure>(.*?)</figure>", dom.stdout, flags=re.S)
+    figures = re.findall(r"<figure[^>]*>(.*?)</figure>", dom.stdout, flags=re.S)
     assert len(figures) >= 5 and all("<svg" in f and "<path" in f for f in figures)
     assert "loss / eval_loss" in dom.stdout
     last = [r for r in records if "loss" in r][-1]

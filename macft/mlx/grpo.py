@@ -8,6 +8,7 @@ shared, gradient too).
 
 import mlx.core as mx
 
+from macft.mlx.logps import next_token_logps
 from macft.mlx.online import MLXOnline
 from macft.mlx.sampling import has_plain_kv_cache
 from macft.mlx.trainer import Trainer, sequence_logps
@@ -37,7 +38,7 @@ def completion_logps(model, prompt_ids: list, completion_ids: mx.array) -> mx.ar
                 layer_cache.share(group)
         inputs = mx.concatenate([mx.full((group, 1), prompt[-1], dtype=completions.dtype), completions[:, :-1]],
                                 axis=1)
-        parts.append(_token_logps(model(inputs, cache=cache), completions))
+        parts.append(next_token_logps(model, inputs, completions, cache=cache))
     return mx.concatenate(parts)
 
 
@@ -55,12 +56,6 @@ def _completion_logps_whole(model, prompt_ids, completion_ids, group):
     logps = sequence_logps(model, mx.concatenate(pieces))
     positions = mx.array(starts)[:, None] + mx.arange(width)[None, :]
     return mx.take_along_axis(logps, positions.reshape(rows, width), axis=1)
-
-
-def _token_logps(logits, targets):
-    logits = logits.astype(mx.float32)
-    chosen = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return chosen - mx.logsumexp(logits, axis=-1)
 
 
 class _SharedPrefixCache:

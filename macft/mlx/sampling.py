@@ -41,18 +41,26 @@ def sample_completions(model, prompts: list[list[int]], *, num_samples: int = 1,
                 layer_cache.offset = layer_cache.offset[rows]
                 layer_cache.left_padding = layer_cache.left_padding[rows]
             logits = logits[rows]
-        finished = mx.zeros((logits.shape[0],), dtype=mx.bool_)
-        steps = []
-        for _ in range(max_tokens):
+
+        def next_token(logits, finished):
             logits = logits.astype(mx.float32)
             token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
             token = mx.where(finished, pad_id, token)
-            finished = finished | (token[:, None] == eos[None, :]).any(axis=1)
-            steps.append(token)
-            mx.eval(token, finished)
-            if finished.all().item():
-                break
+            return token, finished | (token[:, None] == eos[None, :]).any(axis=1)
+
+        # One step stays queued ahead of the host: step t+1 is built and sent to the device before
+        # the host waits on step t's "all finished?", so the device never idles on Python.
+        token, finished = next_token(logits, mx.zeros((logits.shape[0],), dtype=mx.bool_))
+        mx.async_eval(token, finished)
+        steps = [token]
+        while len(steps) < max_tokens:
             logits = model(token[:, None], cache=cache)[:, -1, :]
+            queued, queued_finished = next_token(logits, finished)
+            mx.async_eval(queued, queued_finished)
+            if finished.all().item():
+                break  # the queued step only holds padding
+            token, finished = queued, queued_finished
+            steps.append(token)
     finally:
         model.train(was_training)
     return _rollout(mx.stack(steps, axis=1).tolist(), set(eos_token_ids), num_samples, len(prompts))

@@ -27,6 +27,11 @@ one exactly as mlx-lm's ``generate_step`` does it), and their first tokens sampl
 prefill's last logits; their caches then join the running BatchKVCache (``extend``), finished
 sequences leave with ``filter``, and each decode step runs every row's last token through the
 model once, one step ahead of the scheduler (see ``MLXEngine.step``).
+
+Chunked prefill: the scheduler may hand a long prompt over in chunks (``MLXEngine.prefill``),
+between decode steps; they go into the request's own KVCache, which ``add`` then finishes as a
+lone prompt. That is mlx-lm's generate_step with ``prefill_step_size`` = the chunk size: the
+same slices of the prompt through the model, with the same cache.
 """
 
 import os
@@ -179,6 +184,13 @@ def _linear_dims(linear) -> tuple[int, int]:
 
 
 @dataclass
+class _Prefill:
+    """A prompt partly through the model (chunked prefill), not in the batch yet."""
+    cache: list  # a plain KVCache per layer, as mlx-lm's generate_step has
+    done: int = 0  # prompt tokens in the cache
+
+
+@dataclass
 class _Row:
     id: int
     slot: int
@@ -215,6 +227,7 @@ class MLXEngine(Engine):
         self.bank = AdapterBank(self.model)
         self.rows: list[_Row] = []
         self.cache = None
+        self.prefills: dict[int, _Prefill] = {}  # request id -> its prefill in progress
         self.pending = None  # tokens of the launched step, not yet handed out (see step)
         self.steps = 0
 
@@ -226,6 +239,23 @@ class MLXEngine(Engine):
         self.bank.unload(name)
 
     # batch
+    def prefill(self, request: EngineRequest, end: int):
+        part = self.prefills.get(request.id)
+        if part is None:
+            part = self.prefills[request.id] = self._new_prefill()
+        self.bank.set_rows([self.bank.slot(request.adapter)])
+        self._feed(request.prompt_ids, part, end)
+
+    def _new_prefill(self) -> _Prefill:
+        return _Prefill([self._kv_cache() for _ in range(len(self.model.layers))])
+
+    def _feed(self, prompt: list[int], part: _Prefill, end: int):
+        """Run prompt[part.done:end] into the prefill's cache, in slices of at most PREFILL_STEP."""
+        for start in range(part.done, end, PREFILL_STEP):
+            self.model(mx.array(prompt[start:min(start + PREFILL_STEP, end)])[None], cache=part.cache)
+            mx.eval([c.state for c in part.cache])
+        part.done = max(part.done, end)
+
     def add(self, requests: list[EngineRequest]) -> dict[int, int]:
         rows = []
         for req in requests:
@@ -235,12 +265,22 @@ class MLXEngine(Engine):
                 key = mx.random.key(s.seed if s.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
             rows.append(_Row(id=req.id, slot=self.bank.slot(req.adapter), next_input=0, temperature=s.temperature,
                              top_p=s.top_p, top_k=s.top_k, key=key))
-        prompts = [req.prompt_ids for req in requests]
-        new_caches, firsts = [], []
-        for i, j in _prefill_groups([len(p) for p in prompts]):
-            cache, logits = self._prefill(prompts[i:j], [r.slot for r in rows[i:j]])
+        groups = self._prefill_plan(requests)
+        marks = {req.id: self.prefills[req.id].done for req in requests if req.id in self.prefills}
+        try:
+            prefilled = [self._prefill([requests[i] for i in group], [rows[i].slot for i in group])
+                         for group in groups]
+        except BaseException:
+            self._rewind(marks)  # the prefills in progress stay as they were (see Engine.add)
+            raise
+        for req in requests:
+            self.prefills.pop(req.id, None)
+        rows = [rows[i] for group in groups for i in group]  # the order of the caches
+        new_caches, firsts, first_row = [], [], 0
+        for (cache, logits), group in zip(prefilled, groups):
             new_caches.append(cache)
-            firsts.append(_sample(logits, rows[i:j]))
+            firsts.append(_sample(logits, rows[first_row:first_row + len(group)]))
+            first_row += len(group)
         firsts = mx.concatenate(firsts)
         for cache in new_caches:
             if self.cache is None:
@@ -255,29 +295,45 @@ class MLXEngine(Engine):
         self.rows += rows
         return {row.id: row.next_input for row in rows}
 
-    def _prefill(self, prompts: list[list[int]], slots: list[int]):
+    def _prefill_plan(self, requests: list[EngineRequest]) -> list[list[int]]:
+        """Indices of the requests prefilled together: one whose prefill is under way alone (it
+        goes on in its own cache), the others in groups of bounded padded size."""
+        groups = [[i] for i, req in enumerate(requests) if req.id in self.prefills]
+        fresh = [i for i, req in enumerate(requests) if req.id not in self.prefills]
+        lengths = [len(requests[i].prompt_ids) for i in fresh]
+        return groups + [fresh[start:end] for start, end in _prefill_groups(lengths)]
+
+    def _rewind(self, marks: dict[int, int]):
+        """Put prefills in progress back to ``marks`` (request id -> prompt tokens done)."""
+        for rid, done in marks.items():
+            part = self.prefills[rid]
+            for c in part.cache:
+                c.trim(c.offset - done)
+            part.done = done
+
+    def _prefill(self, requests: list[EngineRequest], slots: list[int]):
         """(BatchKVCaches holding these prompts, the logits at each prompt's last token).
 
         A lone prompt is prefilled exactly as mlx-lm's generate_step does it: all but the last
-        token in 2048-token chunks into a plain KVCache, then the last token as a one-token step
-        (its logits give the first token); the cache then joins the batch. Several prompts go the
-        same way together, left-padded in a BatchKVCache: one pass over the weights for all.
+        token in 2048-token slices (after the chunks ``prefill`` ran already) into a plain
+        KVCache, then the last token as a one-token step (its logits give the first token); the
+        cache then joins the batch. Several prompts go the same way together, left-padded in a
+        BatchKVCache: one pass over the weights for all.
         """
         from mlx_lm.models.cache import BatchKVCache
 
         layers = range(len(self.model.layers))
         self.bank.set_rows(slots)
-        if len(prompts) == 1:
-            prompt = prompts[0]
-            cache = [self._kv_cache() for _ in layers]
-            for start in range(0, len(prompt) - 1, PREFILL_STEP):
-                self.model(mx.array(prompt[start:min(start + PREFILL_STEP, len(prompt) - 1)])[None], cache=cache)
-                mx.eval([c.state for c in cache])
-            logits = self.model(mx.array(prompt[-1:])[None], cache=cache)[:, -1, :]
-            mx.eval(logits, [c.state for c in cache])
-            return [BatchKVCache.merge([c]) for c in cache], logits
+        if len(requests) == 1:
+            prompt = requests[0].prompt_ids
+            part = self.prefills.get(requests[0].id) or self._new_prefill()
+            self._feed(prompt, part, len(prompt) - 1)
+            logits = self.model(mx.array(prompt[-1:])[None], cache=part.cache)[:, -1, :]
+            mx.eval(logits, [c.state for c in part.cache])
+            return [BatchKVCache.merge([c]) for c in part.cache], logits
         # All but the last tokens first, evaluating only the cache: MLX then never computes the
         # output head over every prompt position (the largest matmul of a small model).
+        prompts = [req.prompt_ids for req in requests]
         width = max(len(p) - 1 for p in prompts)
         padding = [width - (len(p) - 1) for p in prompts]
         cache = [BatchKVCache(padding) for _ in layers]
@@ -325,6 +381,8 @@ class MLXEngine(Engine):
 
     def remove(self, ids):
         ids = set(ids)
+        for rid in ids:
+            self.prefills.pop(rid, None)
         keep = [i for i, r in enumerate(self.rows) if r.id not in ids]
         if len(keep) == len(self.rows):
             return

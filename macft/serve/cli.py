@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from macft.serve.scheduler import DEFAULT_PREFILL_CHUNK
+
 
 def engine_factory(model=None, backend: str | None = None, max_context: int | None = None, name: str | None = None):
     """A function that builds this machine's engine (called in the scheduler's thread)."""
@@ -57,7 +59,7 @@ class ServerHandle:
 def start(model=None, adapters: dict | None = None, host: str = "127.0.0.1", port: int = 0,
           api_key: str | None = None, max_concurrency: int = 32, max_tokens_default: int = 512,
           max_context: int | None = None, backend: str | None = None, name: str | None = None, log=None,
-          factory=None) -> ServerHandle:
+          factory=None, prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK) -> ServerHandle:
     """Load the model and adapters, bind ``host:port`` (0: a free port), serve in a thread."""
     from macft.serve.http import OpenAIServer
     from macft.serve.scheduler import Scheduler
@@ -66,7 +68,8 @@ def start(model=None, adapters: dict | None = None, host: str = "127.0.0.1", por
     server = OpenAIServer(host=host, port=port, api_key=api_key, max_tokens_default=max_tokens_default, log=log)
     try:
         scheduler = Scheduler(factory or engine_factory(model, backend, max_context, name),
-                              max_concurrency=max_concurrency, adapters=adapters)
+                              max_concurrency=max_concurrency, adapters=adapters,
+                              prefill_chunk_size=prefill_chunk_size)
     except BaseException:
         server.httpd.server_close()
         raise
@@ -105,6 +108,9 @@ def serve_command(
     api_key: str = typer.Option(None, "--api-key", envvar="MACFT_API_KEY",
                                 help="Require 'Authorization: Bearer KEY' on /v1 routes (env MACFT_API_KEY)."),
     max_concurrency: int = typer.Option(32, "--max-concurrency", help="Most sequences decoded together."),
+    prefill_chunk_size: int = typer.Option(DEFAULT_PREFILL_CHUNK, "--prefill-chunk-size",
+                                           help="Most prompt tokens prefilled between two decode steps, so a long "
+                                                "prompt never stalls the running streams (0: whole prompts)."),
     max_tokens_default: int = typer.Option(512, "--max-tokens-default",
                                            help="max_tokens of a request that sets none (capped by the context)."),
     max_context: int = typer.Option(None, "--max-context",
@@ -125,13 +131,15 @@ def serve_command(
         raise typer.Exit(2) from None
     if max_concurrency < 1:
         raise typer.BadParameter("--max-concurrency must be at least 1")
+    if prefill_chunk_size < 0:
+        raise typer.BadParameter("--prefill-chunk-size must be 0 (off) or more")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         typer.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if verbose else None
     try:
         handle = start(model, adapters, host=host, port=port, api_key=api_key, max_concurrency=max_concurrency,
                        max_tokens_default=max_tokens_default, max_context=max_context, backend=backend,
-                       name=served_model_name, log=log)
+                       name=served_model_name, log=log, prefill_chunk_size=prefill_chunk_size)
     except AdapterError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

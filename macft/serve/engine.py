@@ -7,7 +7,9 @@ threads touch only ``tokenizer`` (under the HTTP layer's lock) and the plain att
 
 The protocol of one request through an engine:
 
-    engine.add([req])      # prefill req.prompt_ids and join the running batch;
+    engine.prefill(req, end)  # optional, repeated: prompt_ids[:end] into the request's own cache,
+                              #   outside the batch (chunked prefill; end < len(prompt_ids))
+    engine.add([req])      # prefill the rest of req.prompt_ids and join the running batch;
                            #   -> {req.id: token} when the prefill already yields the first token
     engine.step()          # -> {req.id: token}: the next token of the sequences in the batch
     ...                    # the scheduler decides when a sequence is finished
@@ -64,10 +66,17 @@ class Engine(ABC):
         """Drop adapter ``name``; no sequence in the batch uses it any more."""
 
     @abstractmethod
+    def prefill(self, request: EngineRequest, end: int) -> None:
+        """Run ``request.prompt_ids`` up to ``end`` (exclusive, less than the prompt's length)
+        through the model into the request's own cache, from where the previous call stopped; the
+        request is not in the batch yet. The scheduler calls it on aligned chunks, ``add`` does
+        the rest. When it raises, the scheduler drops the request (``remove``)."""
+
+    @abstractmethod
     def add(self, requests: list[EngineRequest]) -> dict[int, int]:
-        """Prefill each request's prompt and add it to the batch; {request id: first token} for
-        the requests whose prefill already gave one. All or nothing: when it raises, the batch
-        is as it was."""
+        """Prefill the rest of each request's prompt (all of it, or what ``prefill`` left) and add
+        it to the batch; {request id: first token} for the requests whose prefill already gave
+        one. All or nothing: when it raises, the batch and the prefills in progress are as they were."""
 
     @abstractmethod
     def step(self) -> dict[int, int]:
@@ -76,7 +85,7 @@ class Engine(ABC):
 
     @abstractmethod
     def remove(self, ids) -> None:
-        """Drop these sequences from the batch."""
+        """Drop these sequences from the batch, and the prefills in progress of these ids."""
 
     def new_detokenizer(self, raw: bool = False):
         """A streaming detokenizer (``add_token``, ``finalize``, ``last_segment``) for one sequence.

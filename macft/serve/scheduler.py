@@ -1,23 +1,35 @@
 """Continuous batching, backend-neutral: one thread owns the engine and runs decode steps.
 
-Loop: admit waiting requests (up to ``max_concurrency`` in the batch) -> one decode step for
-every sequence in the batch -> hand each sequence its token (detokenize, stop strings,
-max_tokens, EOS) -> finished ones leave the batch. New requests therefore join between two
-steps and never wait for the batch to drain. Adapter loads and unloads run in the same thread
-between steps (an unload waits until no request in flight uses the adapter), so the engine is
-only ever touched by this thread.
+Loop: admit waiting requests (up to ``max_concurrency`` in flight) -> prefill at most one chunk
+of prompt tokens -> one decode step for every sequence in the batch -> hand each sequence its
+token (detokenize, stop strings, max_tokens, EOS) -> finished ones leave the batch. New requests
+therefore join between two steps and never wait for the batch to drain. Adapter loads and
+unloads run in the same thread between steps (an unload waits until no request in flight uses
+the adapter), so the engine is only ever touched by this thread.
+
+Chunked prefill: between two decode steps the engine runs at most ``prefill_chunk_size`` prompt
+tokens, so a long prompt delays the running streams by at most one chunk between two of their
+tokens instead of by its whole prefill. A request's prompt goes through in chunks aligned on multiples of the chunk size
+(the same boundaries whatever else is in flight, so its numbers do not depend on the traffic):
+``engine.prefill`` for every chunk but the last, then ``engine.add`` runs the last one (a short
+prompt is only that) and the request joins the batch. Oldest requests first, one chunk each per
+round; short prompts that fit in what is left of the round come along, prefilled together.
 
 Each request gets its events on its own queue: ("text", str) pieces as they become final,
 then ("done", finish_reason, prompt_tokens, completion_tokens), or ("error", status, message).
 """
 
 import itertools
+import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
 from macft.serve.engine import AdapterError, AdapterExists, EngineRequest, SamplingParams
+
+
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per round: small enough to keep streams moving, large enough to batch
 
 
 class SchedulerClosed(RuntimeError):
@@ -40,6 +52,7 @@ class Request:
     text: str = ""  # text so far (detokenized), of which ``emitted`` characters were handed out
     emitted: int = 0
     detokenizer: object = None
+    prefilled: int = 0  # prompt tokens the engine holds already (chunked prefill), before it joins the batch
 
 
 @dataclass
@@ -54,12 +67,17 @@ class _Admin:
 class Scheduler:
     """Owns the engine (built by ``engine_factory`` in the scheduler thread) and its batch."""
 
-    def __init__(self, engine_factory, max_concurrency: int = 32, adapters: dict | None = None):
+    def __init__(self, engine_factory, max_concurrency: int = 32, adapters: dict | None = None,
+                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK):
         if max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be at least 1, got {max_concurrency}")
+        if prefill_chunk_size < 0:
+            raise ValueError(f"--prefill-chunk-size must be 0 (off) or more, got {prefill_chunk_size}")
         self.max_concurrency = max_concurrency
+        self.prefill_chunk_size = prefill_chunk_size  # 0: each prompt is prefilled whole when it is admitted
         self._cond = threading.Condition()
         self._waiting: list[Request] = []
+        self._prefilling: list[Request] = []  # admitted, oldest first; not in the batch until its prompt is in
         self._active: dict[int, Request] = {}
         self._admin: list[_Admin] = []
         self._ids = itertools.count(1)
@@ -69,7 +87,9 @@ class Scheduler:
         self.adapters: dict[str, str] = {}  # name -> path: what requests may ask for
         self._loaded: set[str] = set()  # what the engine holds (an unloading adapter stays until unused)
         self._initial_adapters = dict(adapters or {})
-        self.stats = {"steps": 0, "tokens": 0, "requests": 0, "max_batch": 0, "max_admitted": 0}
+        # max_prefill_tokens: the most prompt tokens prefilled in one round, i.e. between two decode steps
+        self.stats = {"steps": 0, "tokens": 0, "requests": 0, "max_batch": 0, "max_admitted": 0,
+                      "prefill_tokens": 0, "max_prefill_tokens": 0}
         self._ready = threading.Event()
         self._startup_error = None
         self._thread = threading.Thread(target=self._run, args=(engine_factory,), name="macft-scheduler", daemon=True)
@@ -116,14 +136,14 @@ class Scheduler:
 
     def in_flight(self) -> int:
         with self._cond:
-            return len(self._waiting) + len(self._active)
+            return len(self._waiting) + len(self._prefilling) + len(self._active)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Refuse new requests and wait until those in flight are done. True when all finished."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._closed = True
-            while self._waiting or self._active:
+            while self._waiting or self._prefilling or self._active:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -157,6 +177,7 @@ class Scheduler:
             try:
                 self._iterate()
             except Exception as e:  # a bug here must not leave requests hanging or stop the server
+                self._fail_prefilling(500, f"internal error: {type(e).__name__}: {e}")
                 self._fail_active(500, f"internal error: {type(e).__name__}: {e}")
         self._fail_all(503, "the server shut down before this request finished")
         close = getattr(self.engine, "close", None)
@@ -167,14 +188,14 @@ class Scheduler:
         return self._thread.is_alive()
 
     def _iterate(self):
-        """One round: admin ops, admissions, one decode step."""
+        """One round: admin ops, admissions, at most one chunk of prefill, one decode step."""
         with self._cond:
-            while not (self._stop or self._waiting or self._active or self._admin):
+            while not (self._stop or self._waiting or self._prefilling or self._active or self._admin):
                 self._cond.wait()
             if self._stop:
                 return
             admin = self._ready_admin()
-            room = self.max_concurrency - len(self._active)
+            room = self.max_concurrency - len(self._active) - len(self._prefilling)
             newcomers = []
             while self._waiting and room > 0:
                 req = self._waiting.pop(0)
@@ -182,11 +203,15 @@ class Scheduler:
                     continue
                 newcomers.append(req)
                 room -= 1
+            # in flight from now on: moved under the lock, so drain() never misses a request between lists
+            self._prefilling += newcomers
         for op in admin:
             self._run_admin(op)
         self._drop_cancelled()
         if newcomers:
-            self._admit(newcomers)
+            self._start(newcomers)
+        if self._prefilling:
+            self._prefill_round()
         if self._active:
             self._step()
         with self._cond:
@@ -197,7 +222,7 @@ class Scheduler:
         ready, later = [], []
         for op in self._admin:
             busy = op.action == "unload" and any(
-                r.adapter == op.name for r in (*self._active.values(), *self._waiting))
+                r.adapter == op.name for r in (*self._active.values(), *self._prefilling, *self._waiting))
             (later if busy else ready).append(op)
         self._admin = later
         return ready
@@ -216,16 +241,50 @@ class Scheduler:
             op.error = e if isinstance(e, (AdapterError, KeyError)) else AdapterError(f"{type(e).__name__}: {e}")
         op.done.set()
 
-    def _admit(self, newcomers: list[Request]):
-        ready = []
+    def _start(self, newcomers: list[Request]):
+        """Newly admitted requests: refuse those whose adapter went away, give the others a detokenizer."""
         for req in newcomers:
             if req.adapter is not None and req.adapter not in self._loaded:
+                self._prefilling.remove(req)
                 self._finish_error(req, 404, f"The model '{req.adapter}' does not exist (it was unloaded)")
                 continue
             req.detokenizer = self.engine.new_detokenizer(raw=req.raw_text)
-            ready.append(req)
-        if not ready:
-            return
+
+    def _prefill_round(self):
+        """Prefill at most one chunk of prompt tokens in all (the work between two decode steps):
+        the oldest requests first, at most one chunk each. A request whose prompt still holds more
+        than a chunk gets its next chunk (``engine.prefill``); the others have their last chunk
+        run by ``engine.add`` together and join the batch."""
+        chunk = self.prefill_chunk_size or math.inf
+        budget, spent = chunk, 0
+        finishing = []
+        for req in list(self._prefilling):
+            left = len(req.prompt_ids) - req.prefilled
+            piece = min(left, chunk)
+            if piece > budget:
+                continue  # it keeps its place in line; a later, shorter prompt may still fit in this round
+            budget -= piece
+            spent += piece
+            if left <= chunk:
+                finishing.append(req)
+            else:
+                self._prefill_chunk(req, req.prefilled + chunk)
+        self.stats["prefill_tokens"] += spent
+        self.stats["max_prefill_tokens"] = max(self.stats["max_prefill_tokens"], spent)
+        if finishing:
+            self._admit(finishing)
+
+    def _prefill_chunk(self, req: Request, end: int):
+        try:
+            self.engine.prefill(self._engine_request(req), end)
+            req.prefilled = end
+        except Exception as e:
+            self._prefilling.remove(req)
+            self._finish_error(req, 500, f"could not start this request: {type(e).__name__}: {e}")
+            self._forget([req.id])
+
+    def _admit(self, ready: list[Request]):
+        """Run the last chunk of these prompts; they join the batch (each gets its first token)."""
         first_tokens = {}
         try:
             first_tokens = self.engine.add([self._engine_request(r) for r in ready]) or {}
@@ -239,9 +298,12 @@ class Scheduler:
                     added.append(req)
                 except Exception as e:
                     self._finish_error(req, 500, f"could not start this request: {type(e).__name__}: {e}")
+                    self._forget([req.id])
         for req in added:
             self._active[req.id] = req
             self.stats["requests"] += 1
+        for req in ready:  # after joining the batch, so that drain() always sees them in flight
+            self._prefilling.remove(req)
         self.stats["max_admitted"] = max(self.stats["max_admitted"], len(added))
         if first_tokens:
             self._deliver(first_tokens)
@@ -315,10 +377,20 @@ class Scheduler:
 
     def _drop_cancelled(self):
         gone = [rid for rid, r in self._active.items() if r.cancelled.is_set()]
+        for rid in gone:
+            self._active.pop(rid)
+        for req in [r for r in self._prefilling if r.cancelled.is_set()]:
+            self._prefilling.remove(req)
+            gone.append(req.id)
         if gone:
-            for rid in gone:
-                self._active.pop(rid)
             self.engine.remove(gone)
+
+    def _forget(self, ids):
+        """Drop what the engine holds of failed requests (a prefill in progress); never raises."""
+        try:
+            self.engine.remove(ids)
+        except Exception:
+            pass
 
     def _finish_error(self, req: Request, status: int, message: str):
         req.events.put(("error", status, message))
@@ -327,15 +399,18 @@ class Scheduler:
         ids = list(self._active)
         for rid in ids:
             self._finish_error(self._active.pop(rid), status, message)
-        try:
-            self.engine.remove(ids)
-        except Exception:
-            pass
+        self._forget(ids)
+
+    def _fail_prefilling(self, status: int, message: str):
+        failed, self._prefilling = self._prefilling, []
+        for req in failed:
+            self._finish_error(req, status, message)
+        self._forget([req.id for req in failed])
 
     def _fail_all(self, status: int, message: str):
         with self._cond:
-            pending = self._waiting + list(self._active.values())
-            self._waiting, self._active = [], {}
+            pending = self._waiting + self._prefilling + list(self._active.values())
+            self._waiting, self._prefilling, self._active = [], [], {}
             for op in self._admin:
                 op.error = RuntimeError(message)
                 op.done.set()

@@ -81,7 +81,10 @@ class RLHFLogic:
             warmup_ratio=args.warmup_ratio, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
             eval_batches=args.eval_batches, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
             disable_tqdm=args.disable_tqdm, max_length=self.policy.macft.max_seq_length or 1024,
-            center_rewards_coefficient=args.reward_center_rewards_coefficient)
+            center_rewards_coefficient=args.reward_center_rewards_coefficient,
+            # This run decided already (it resumes, or it refused or replaced an earlier run in
+            # output_dir): what a stopped reward stage left without a checkpoint starts over.
+            overwrite_output_dir=True)
         trainer = self.reward_trainer_class(reward_model, self.tokenizer, config, train_dataset=self.train_dataset,
                                             eval_dataset=self.eval_dataset)
         resume = directory if self._resuming and trainer.run.latest_checkpoint() is not None else None
