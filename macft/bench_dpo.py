@@ -5,9 +5,8 @@ adapters switched off, its log-probs computed per batch) trains LoRA on fixed-le
 preference pairs (``dpo_rows``): one prompt, a chosen and a rejected completion of filler text, so
 that every prompt + completion row is exactly ``--seq-len`` tokens. A step of ``--batch-size`` pairs
 processes 2 x batch_size rows; tokens/s counts all their tokens (prompt + completion of the chosen
-and the rejected rows) over the whole step time, which here includes the reference forward pass
-(macft computes it while building the batch, outside its own ``step_time_s``; mlx-lm-lora runs it
-inside its compiled step). The first loss must be log 2 (the policy starts equal to its
+and the rejected rows) over the whole step time, which includes the reference forward pass on both
+sides (macft computes it while making the batch, inside its ``step_time_s``). The first loss must be log 2 (the policy starts equal to its
 reference); a zero or non-finite gradient norm voids the figure.
 
 ``--peer-python`` also runs mlx-lm-lora's DPO (``train_mode: dpo``) on the same model directory,
@@ -151,9 +150,9 @@ def timed_micro_batches(trainer) -> list[float]:
     """Time how long ``trainer`` takes to produce each micro-batch (preference trainers compute the
     reference log-probs there, GRPO its rollout): the returned list fills as training runs.
 
-    The trainer's own ``step_time_s`` covers the gradient and the update only; a benchmark's step
-    is both. Wraps the instance's ``micro_batches`` (the training loop's public hook), so whatever
-    the trainer does inside stays as it is."""
+    Reported beside the step time (which includes it) to show how much of a step it is. Wraps the
+    instance's ``micro_batches`` (the training loop's public hook), so whatever the trainer does
+    inside stays as it is."""
     seconds = []
     produce = trainer.micro_batches
 
@@ -201,11 +200,10 @@ def run_macft_dpo(model_name, workdir: Path, batch_size, seq_len, steps, warmup,
         metrics = [m for m in trainer.train() if "tokens_per_sec" in m]
     if len(batch_seconds) < len(metrics):
         raise RuntimeError("could not time the batches' reference log-probs")
-    step_seconds = [b + m["step_time_s"] for b, m in zip(batch_seconds, metrics)]
+    step_seconds = [m["step_time_s"] for m in metrics]
     measured = slice(warmup, None)
     tokens = sum(m["tokens"] for m in metrics[measured])
     seconds = sum(step_seconds[measured])
-    trainer_seconds = sum(m["step_time_s"] for m in metrics[measured])
     tokens_per_step = metrics[-1]["tokens"]
     return {
         "tokens_per_sec": tokens / seconds,
@@ -217,8 +215,6 @@ def run_macft_dpo(model_name, workdir: Path, batch_size, seq_len, steps, warmup,
         "reference_time_s": [round(s, 4) for s in batch_seconds[:len(metrics)]],
         "tokens_per_step": tokens_per_step,
         "prompt_tokens": prompt_tokens,
-        # the trainer's own figure, which leaves the reference forward pass out
-        "trainer_tokens_per_sec": tokens / trainer_seconds,
         "model_path": llm.macft.path,
     }
 

@@ -15,9 +15,8 @@ all zero). With ``--peer-python`` the same steps run through mlx-lm-lora's own C
 (``train_mode: grpo``, the reward from a file it loads, the same LoRA, loss, epsilon, beta, rate,
 temperature and lengths), started by a driver that makes its rollout match macft's: EOS and its
 "</answer>" stop ignored, top_p 1 and top_k 0 (its CLI has no flag for these). Step time is the
-whole step on both sides: macft's trainer times the gradient and update (``step_time_s``) and the
-bench adds the rollout, which the trainer does while making the batch; mlx-lm-lora's report covers
-all of it. tokens/s counts all tokens of the step's P x G sequences (prompt + completion) on both
+whole step on both sides: macft's ``step_time_s`` covers the rollout (made with the batch), the loss,
+the gradient and the update; mlx-lm-lora's report covers all of it too. tokens/s counts all tokens of the step's P x G sequences (prompt + completion) on both
 sides. mlx-lm-lora also loads a second copy of the model as its reference (even at beta 0), which
 its peak memory includes.
 
@@ -250,10 +249,9 @@ def _print_step(name, r):
 
 def run_macft_grpo_steps(model_name, workdir: Path, rows, group_size, num_prompts, max_tokens, temperature, steps,
                          warmup, lora_rank) -> dict:
-    """Complete GRPO steps through ``GRPOTrainer``; a step = its rollout (timed as the trainer makes
-    the batch) + the trainer's own step_time_s (loss, gradient, update)."""
+    """Complete GRPO steps through ``GRPOTrainer``, timed by the trainer's own step_time_s (rollout,
+    loss, gradient, update)."""
     from macft import FastLanguageModel, GRPOConfig, GRPOTrainer
-    from macft.bench_dpo import timed_micro_batches
 
     llm, tokenizer = FastLanguageModel.from_pretrained(model_name)
     FastLanguageModel.get_peft_model(llm, r=lora_rank, lora_alpha=2 * lora_rank, num_layers=-1,
@@ -273,9 +271,8 @@ def run_macft_grpo_steps(model_name, workdir: Path, rows, group_size, num_prompt
         trainer.eos_ids = []
 
     trainer.prepare = prepare_without_eos
-    batch_seconds = timed_micro_batches(trainer)
     metrics = [m for m in trainer.train() if "tokens_per_sec" in m]
-    step_seconds = [b + m["step_time_s"] for b, m in zip(batch_seconds, metrics)]
+    step_seconds = [m["step_time_s"] for m in metrics]
     measured = slice(warmup, None)
     tokens = sum(m["tokens"] for m in metrics[measured])
     return {

@@ -342,10 +342,12 @@ def check_row_keys(row: dict, kind: str, where: str):
     alternatives, description = formats[kind]
     if any(all(key in row for key in keys) for keys in alternatives):
         return
-    if len(alternatives) == 1:
-        missing = [key for key in alternatives[0] if key not in row]
-        raise DataError(f"{where}: missing key(s) {missing} (keys found: {sorted(row)}); accepted format: "
-                        f"{description}")
+    # Name what the closest format lacks (the one sharing most keys with the row).
+    closest = max(alternatives, key=lambda keys: sum(key in row for key in keys))
+    if len(alternatives) == 1 or any(key in row for key in closest):
+        missing = [key for key in closest if key not in row]
+        accepted = "accepted format" if len(alternatives) == 1 else "accepted formats"
+        raise DataError(f"{where}: missing key(s) {missing} (keys found: {sorted(row)}); {accepted}: {description}")
     raise DataError(f"{where}: no accepted format matches the keys {sorted(row)}; accepted formats: {description}")
 
 

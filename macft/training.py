@@ -246,9 +246,11 @@ class TrainingLoop:
             stop.install()
             while self.state["step"] < total:
                 step = self.state["step"]
+                # The step's time includes making its batch: the preference trainers' reference
+                # log-probs and the online trainers' rollouts happen there.
+                started = time.perf_counter()
                 micro = next(batches)
                 self._reseed(step)
-                started = time.perf_counter()
                 loss, metrics, grad_norm = self.compute_gradients(micro)
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
                 if finite:

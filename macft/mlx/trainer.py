@@ -13,6 +13,8 @@ warning that names the reason; ``compile_step=False`` in the config asks for tha
 
 from pathlib import Path
 
+import os
+import sys
 import warnings
 
 import mlx.core as mx
@@ -68,6 +70,8 @@ class Trainer(TrainingLoop):
             raise TrainingError("the model has no trainable parameters: call FastLanguageModel.get_peft_model "
                                 "first, or load with full_finetuning=True")
         use_input_dtype_lora(self.model)
+        if os.environ.get("MACFT_CHECKPOINT_ATTENTION", "1" if mx.default_device() != mx.cpu else "0") == "1":
+            checkpoint_attention(self.model)
         self.model.train()
         self.optimizer = self.make_optimizer()
         self.optimizer.init(self.model.trainable_parameters())
@@ -225,3 +229,26 @@ class InputDtypeLoRALinear(LoRALinear):
         y = self.linear(x)
         z = (self.dropout(x) @ self.lora_a.astype(x.dtype)) @ self.lora_b.astype(x.dtype)
         return y + (self.scale * z).astype(x.dtype)
+
+
+def checkpoint_attention(model):
+    """Recompute attention in the backward pass instead of keeping what its gradient needs.
+
+    Under autodiff MLX's fused attention falls back to its unfused form, whose backward keeps each
+    layer's (B, heads, T, T) attention weights: 1 GB per layer at 4 x 2048 tokens and 32 heads.
+    Recomputing them costs one attention forward per layer (a few percent of a step). Applies to
+    the model's architecture module (mlx_lm.models.<type>), whose attention calls its
+    ``scaled_dot_product_attention``; calls with a KV cache (generation) are left as they are."""
+    module = sys.modules.get(type(model).__module__)
+    plain = getattr(module, "scaled_dot_product_attention", None)
+    if plain is None or getattr(plain, "_macft_checkpointed", False):
+        return model
+
+    def attention(queries, keys, values, cache=None, *args, **kwargs):
+        if cache is not None:
+            return plain(queries, keys, values, cache, *args, **kwargs)
+        return mx.checkpoint(lambda q, k, v: plain(q, k, v, None, *args, **kwargs))(queries, keys, values)
+
+    attention._macft_checkpointed = True
+    module.scaled_dot_product_attention = attention
+    return model
