@@ -16,6 +16,8 @@ from pathlib import Path
 
 import typer
 
+from macft.bench_options import MODEL_SHAPE_OPTION, TOKENIZER_OPTION, use_backend
+
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure training throughput and memory.")
 
 _FILLER = ("The quick brown fox jumps over the lazy dog while the committee reviews the quarterly report. "
@@ -40,22 +42,15 @@ def bench_sft(
     load_in_4bit: bool = typer.Option(False, "--load-in-4bit"),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint"),
     backend: str = typer.Option(None, "--backend", help="mlx or cuda (default: this machine's)."),
-    model_shape: str = typer.Option(None, "--model-shape",
-                                    help="Instead of --model, a random-init model of this shape: llama-3.2-1b or tiny."),
-    tokenizer_dir: str = typer.Option(None, "--tokenizer",
-                                      help="With --model-shape: a directory whose tokenizer to use (default: the "
-                                           "embedded SmolLM2's)."),
+    model_shape: str = MODEL_SHAPE_OPTION,
+    tokenizer_dir: str = TOKENIZER_OPTION,
     hf_peer: bool = typer.Option(None, "--hf-peer/--no-hf-peer",
                                  help="Also run the same steps with HF transformers + PEFT (default: on with cuda)."),
     peer_python: str = typer.Option(None, "--peer-python", help="A Python with mlx-lm-lora installed: run it too."),
     json_out: str = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ):
     """LoRA SFT step throughput (tokens/s) and peak memory."""
-    if backend:
-        os.environ["MACFT_BACKEND"] = backend
-        from macft.backend import current
-
-        current.cache_clear()  # the choice is cached per process
+    use_backend(backend)
     from macft.backend import current
 
     if model and model_shape:

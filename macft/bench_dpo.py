@@ -30,6 +30,8 @@ from pathlib import Path
 
 import typer
 
+from macft.bench_options import MODEL_SHAPE_OPTION, TOKENIZER_OPTION, use_backend
+
 # Every pair has the same prompt, so every row has the same prompt length and, with completions
 # longer than the room left, the same total length: seq_len.
 DPO_PROMPT = "Which of the two summaries of the committee's quarterly report is the better one?"
@@ -76,20 +78,13 @@ def bench_dpo(
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint"),
     beta: float = typer.Option(0.1, "--beta", help="DPO beta (both sides)."),
     backend: str = typer.Option(None, "--backend", help="mlx or cuda (default: this machine's)."),
-    model_shape: str = typer.Option(None, "--model-shape",
-                                    help="Instead of --model, a random-init model of this shape: llama-3.2-1b or tiny."),
-    tokenizer_dir: str = typer.Option(None, "--tokenizer",
-                                      help="With --model-shape: a directory whose tokenizer to use (default: the "
-                                           "embedded SmolLM2's)."),
+    model_shape: str = MODEL_SHAPE_OPTION,
+    tokenizer_dir: str = TOKENIZER_OPTION,
     peer_python: str = typer.Option(None, "--peer-python", help="A Python with mlx-lm-lora installed: run it too."),
     json_out: str = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ):
     """LoRA DPO step throughput (tokens/s of chosen + rejected rows) and peak memory."""
-    if backend:
-        os.environ["MACFT_BACKEND"] = backend
-        from macft.backend import current
-
-        current.cache_clear()  # the choice is cached per process
+    use_backend(backend)
     from macft.backend import current
     from macft.bench import _print_result
 

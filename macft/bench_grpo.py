@@ -40,6 +40,8 @@ from pathlib import Path
 
 import typer
 
+from macft.bench_options import MODEL_SHAPE_OPTION, TOKENIZER_OPTION, use_backend
+
 PROMPTS = ["What is 17 + 25? Answer with just the number.", "Name three primary colours.",
            "Write one sentence about the sea.", "What is 9 * 8? Answer with just the number.",
            "Give a synonym for 'quick'.", "What is the capital of France?",
@@ -58,11 +60,8 @@ def bench_grpo(
     repeats: int = typer.Option(2, "--repeats", help="Timed rollouts per method (after one warm-up)."),
     backend: str = typer.Option(None, "--backend",
                                 help="mlx (default): the rollout measured is the MLX core's; cuda is refused."),
-    model_shape: str = typer.Option(None, "--model-shape",
-                                    help="Instead of --model, a random-init model of this shape: llama-3.2-1b or tiny."),
-    tokenizer_dir: str = typer.Option(None, "--tokenizer",
-                                      help="With --model-shape: a directory whose tokenizer to use (default: the "
-                                           "embedded SmolLM2's)."),
+    model_shape: str = MODEL_SHAPE_OPTION,
+    tokenizer_dir: str = TOKENIZER_OPTION,
     full_step: bool = typer.Option(False, "--full-step",
                                    help="Also time whole GRPO training steps (rollout + loss + update) through "
                                         "GRPOTrainer, and mlx-lm-lora's with --peer-python."),
@@ -105,10 +104,7 @@ def _use_mlx_backend(backend):
         from macft.backend import install_hint
 
         raise typer.BadParameter(f"the grpo bench needs MLX: {install_hint('mlx')}")
-    os.environ["MACFT_BACKEND"] = "mlx"
-    from macft.backend import current
-
-    current.cache_clear()  # the choice is cached per process
+    use_backend("mlx")
 
 
 def _bench_rollouts(model, group_size, num_prompts, max_tokens, temperature, repeats, peer_python) -> dict:

@@ -11,11 +11,10 @@ A loss that cannot be traced (one that reads a value on the host, say) runs unco
 warning that names the reason; ``compile_step=False`` in the config asks for that up front.
 """
 
-from pathlib import Path
-
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -1,0 +1,19 @@
+"""What the ``macft bench`` commands share: the random-model options and the backend switch."""
+
+import os
+
+import typer
+
+MODEL_SHAPE_OPTION = typer.Option(None, "--model-shape",
+                                  help="Instead of --model, a random-init model of this shape: llama-3.2-1b or tiny.")
+TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help="With --model-shape: a directory whose tokenizer to use "
+                                                           "(default: the embedded SmolLM2's).")
+
+
+def use_backend(backend: str | None):
+    """Make ``--backend`` this process's backend (the choice is cached per process)."""
+    if backend:
+        from macft.backend import current
+
+        os.environ["MACFT_BACKEND"] = backend
+        current.cache_clear()
