@@ -108,7 +108,7 @@ def chunked_head_logps(head, hidden: mx.array, targets: mx.array, chunk: int = C
             d_logits = -mx.softmax(chunk_logits(h), axis=-1) * g[:, None]
             d_logits = mx.put_along_axis(d_logits, y[:, None],
                                          mx.take_along_axis(d_logits, y[:, None], axis=-1) + g[:, None], axis=-1)
-            _, (d_h,) = mx.vjp(lambda x: head(x), [h], [d_logits.astype(h.dtype)])
+            _, (d_h,) = mx.vjp(head, [h], [d_logits.astype(h.dtype)])
             grads.append(d_h)
         return mx.concatenate(grads), mx.zeros_like(targets)
 
