@@ -108,7 +108,7 @@ VALUE_RULES = {
     "batch_size": AT_LEAST_1,
     "gradient_accumulation_steps": AT_LEAST_1,
     "learning_rate": POSITIVE,
-    "lr_schedule": (lambda v: v in LR_SCHEDULES, "must be linear, cosine or constant"),
+    "lr_schedule": (lambda v: v in LR_SCHEDULES, "must be " + ", ".join(LR_SCHEDULES[:-1]) + " or " + LR_SCHEDULES[-1]),
     "warmup_steps": AT_LEAST_0,
     "weight_decay": AT_LEAST_0,
     "max_grad_norm": AT_LEAST_0,

@@ -209,7 +209,7 @@ def test_python_api_resume_with_another_rank_names_the_argument(tiny_model_dir, 
     (["--epochs", 0], "error: --epochs 0.0: must be > 0"),
     (["--warmup-steps", -1], "error: --warmup-steps -1: must be >= 0"),
     (["--max-grad-norm", -1], "error: --max-grad-norm -1.0: must be >= 0"),
-    (["--lr-schedule", "cosin"], "error: --lr-schedule 'cosin': must be linear, cosine or constant"),
+    (["--lr-schedule", "cosin"], "error: --lr-schedule 'cosin': must be linear, cosine, constant or constant_with_warmup"),
     (["--train-type", "qlora"], "error: --train-type 'qlora': must be lora, dora or full"),
 ])
 def test_bad_flag_values_are_one_line_naming_the_flag(tmp_path, flags, expected):
