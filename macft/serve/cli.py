@@ -169,3 +169,9 @@ def serve_command(
     sys.stdout.flush()
     handle.stop(drain=True, timeout=None)
     typer.echo("stopped.")
+    # Every request is answered and written; leave without the interpreter's teardown. A thread of
+    # the HTTP server or of the array library still winding down while C++ statics are destroyed has
+    # aborted the process ("terminate called without an active exception") after a clean drain.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
