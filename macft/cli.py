@@ -421,7 +421,7 @@ def check_resume_adapter(resume: Path, model):
     """--resume with other adapter settings than the checkpoint's would load weights of one shape or
     scale into adapters of another and save a config that disagrees with them: refused, naming the
     flag. (The trainer checks again, naming the Python arguments, for scripts.)"""
-    from macft.training import adapter_changes
+    from macft.training import adapter_changes, describe_adapter_changes
 
     checkpoint, state = latest_checkpoint_state(resume)
     if state is None:
@@ -429,11 +429,9 @@ def check_resume_adapter(resume: Path, model):
     saved = (state.get("model") or {}).get("peft") or {}
     changes = adapter_changes(saved, asdict_or_empty(model.macft.peft))
     if changes:
-        raise CLIError(f"cannot resume from {checkpoint}: " + ", ".join(
-            f"{ADAPTER_FLAGS[key]} is {_flag_text(here)} here but {_flag_text(there)} in the checkpoint"
-            for key, here, there in changes)
-            + "; resume with the checkpoint's adapter settings, or start a new run (--overwrite or another "
-              "--adapter-path)")
+        what = describe_adapter_changes(changes, ADAPTER_FLAGS, _flag_text)
+        raise CLIError(f"cannot resume from {checkpoint}: {what}; resume with the checkpoint's adapter settings, "
+                       "or start a new run (--overwrite or another --adapter-path)")
 
 
 def latest_checkpoint_state(resume: Path) -> tuple[Path | None, dict | None]:

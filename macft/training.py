@@ -481,11 +481,9 @@ class TrainingLoop:
         peft = self.model_facts().get("peft") or {}
         adapter = adapter_changes(saved_peft, peft)
         if adapter:
-            raise TrainingError(f"cannot resume from {checkpoint}: " + ", ".join(
-                f"{ADAPTER_ARGUMENTS[k]} is {here!r} here but {there!r} in the checkpoint"
-                for k, here, there in adapter)
-                + "; its weights have the checkpoint's shape and scale: resume with the same adapter settings or "
-                  "start a new run")
+            what = describe_adapter_changes(adapter, ADAPTER_ARGUMENTS)
+            raise TrainingError(f"cannot resume from {checkpoint}: {what}; its weights have the checkpoint's shape "
+                                "and scale: resume with the same adapter settings or start a new run")
         if saved_peft and peft and saved_peft.get("lora_dropout") != peft.get("lora_dropout"):
             self._warn(f"resuming from {checkpoint} with lora_dropout {peft.get('lora_dropout')!r} (the checkpoint "
                        f"trained with {saved_peft.get('lora_dropout')!r})")
@@ -554,6 +552,13 @@ def adapter_changes(saved: dict, current: dict) -> list[tuple[str, object, objec
         if here != there:
             changes.append((key, here, there))
     return changes
+
+
+def describe_adapter_changes(changes, names: dict, shown=repr) -> str:
+    """'NAME is HERE here but THERE in the checkpoint, ...' for ``adapter_changes``' output, each
+    setting under the name the user set it by (``names``: a flag or a Python argument)."""
+    return ", ".join(f"{names[key]} is {shown(here)} here but {shown(there)} in the checkpoint"
+                     for key, here, there in changes)
 
 
 def progress_postfix(record: dict) -> dict:

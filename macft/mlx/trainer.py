@@ -79,6 +79,7 @@ class Trainer(TrainingLoop):
         # An array, not a float, so that the compiled update reads it as state rather than a constant.
         self.optimizer.learning_rate = mx.array(self.args.learning_rate, dtype=mx.float32)
         self._gradient, self._update, self._norm = self._uncompiled_gradient, self._uncompiled_update, _global_norm
+        self._traced_shapes = set()  # batch shapes the compiled gradient has been traced for
         if self.compile_enabled():
             self._norm = mx.compile(_global_norm)
             # The model's state is an output too: value_and_grad writes the traced parameters into it.
@@ -101,13 +102,16 @@ class Trainer(TrainingLoop):
 
     def _gradient_of(self, batch):
         """(loss, metrics, grads) of one micro-batch; the compiled function where it traces."""
-        if self._gradient == self._uncompiled_gradient:
+        shapes = tuple(getattr(array, "shape", None) for array in batch)
+        if self._gradient == self._uncompiled_gradient or shapes in self._traced_shapes:
             return self._gradient(*batch)
-        # A failed trace leaves placeholders in the state it was tracing: keep the real parameters, and
-        # reseed as the step began (the loop reseeds before every step).
+        # A new shape is traced. A failed trace leaves placeholders in the state it was tracing: keep the
+        # real parameters, and reseed as the step began (the loop reseeds before every step).
         parameters = tree_flatten(self.model.parameters())
         try:
-            return self._gradient(*batch)
+            result = self._gradient(*batch)
+            self._traced_shapes.add(shapes)
+            return result
         except (ValueError, RuntimeError, TypeError) as e:
             self.model.update(tree_unflatten(parameters))
             mx.random.seed(self._last_seed)
