@@ -1,4 +1,5 @@
-"""HF-layout weights -> a GGUF file (f32, f16, bf16, q8_0, q4_0), written with the `gguf` package.
+"""HF-layout weights -> a GGUF file (f32, f16, bf16, q8_0, q4_0 and the K-quant mixtures q4_k_m, q4_k_s,
+q5_k_m, q5_k_s, q6_k), written with the `gguf` package.
 
 Backend-neutral (numpy only): the MLX core and cuda_bridge hand over a merged float32 state dict
 with HF names plus the HF config and tokenizer; no llama.cpp build step is needed.
@@ -15,8 +16,16 @@ What llama.cpp's reader expects, and what this writes:
   rope.freq_base, rope.dimension_count, vocab_size (+ linear rope scaling).
 - the tokenizer (byte-level BPE, "gpt2"): tokens, token types, merges, bos/eos/unk/pad ids,
   add_bos/add_eos, the pre-tokenizer name, and the chat template.
-Types: norms and biases stay F32; 2-D weights take the requested type (q8_0/q4_0 blocks of 32
-need rows divisible by 32; a tensor whose rows are not falls back to F16).
+Types: norms and biases stay F32. f32/f16/bf16/q8_0/q4_0 put every 2-D weight in that type (q8_0 and
+q4_0 blocks of 32 need rows divisible by 32; a tensor whose rows are not falls back to F16).
+The K-quant names are llama.cpp's mixtures (llama-quant.cpp, no importance matrix), with the blocks
+from ``convert.gguf_kquants``:
+- q4_k_m: Q4_K, but Q6_K for output.weight (token_embd when the head is tied) and for attn_v and
+  ffn_down in the layers ``use_more_bits`` picks (the first and last eighth, every third between);
+  q5_k_m the same around Q5_K; q4_k_s: Q4_K, Q5_K for attn_v of layers 0-3 and ffn_down of the first
+  eighth, Q6_K output; q5_k_s: Q5_K, Q6_K output; q6_k: Q6_K throughout.
+- K-quants need rows whose width is a multiple of 256; other tensors take llama.cpp's fallback:
+  Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 (the output tensor: Q8_0), F16 when not even 32 divides.
 """
 
 import json
@@ -27,9 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
+from convert import gguf_kquants
 from convert.gguf_import import _BLOCK_TENSORS, _GLOBAL_TENSORS
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k")
+# llama.cpp's K-quant mixtures: the type most 2-D weights get.
+K_MIXTURES = {"q4_k_m": "Q4_K", "q4_k_s": "Q4_K", "q5_k_m": "Q5_K", "q5_k_s": "Q5_K", "q6_k": "Q6_K"}
+# What llama.cpp writes instead when a row is not whole super-blocks of 256 (tensor_type_fallback).
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_K_QUANTIZERS = {"Q4_K": gguf_kquants.quantize_q4_k, "Q5_K": gguf_kquants.quantize_q5_k,
+                 "Q6_K": gguf_kquants.quantize_q6_k}
 
 # HF model_type -> (GGUF architecture, whether llama.cpp permutes Q/K rows for it).
 ARCHITECTURES = {
@@ -91,25 +107,65 @@ def _rope_scaling(config: dict):
     return float(scaling["factor"])
 
 
-def _qtype(outtype: str, value: np.ndarray):
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's pick of the layers whose attn_v / ffn_down get more bits in the _M mixtures: the
+    first and last eighth, and every third layer between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_qtype(outtype: str, gguf_name: str, shape, n_layers: int, tied: bool):
+    """The GGML type a tensor is written in for ``outtype`` (what llama-quantize would choose)."""
     from gguf import GGMLQuantizationType as T
 
-    if value.ndim < 2 or outtype == "f32":
+    if len(shape) < 2 or outtype == "f32":
         return T.F32
-    if outtype == "f16":
-        return T.F16
-    if outtype == "bf16":
-        return T.BF16
-    if value.shape[-1] % 32:
+    if outtype in ("f16", "bf16", "q8_0", "q4_0"):
+        wanted = outtype.upper()
+    else:
+        wanted = _k_mixture_type(outtype, gguf_name, shape[-1], n_layers, tied)
+        if shape[-1] % gguf_kquants.SUPER_BLOCK and wanted in K_FALLBACK:
+            wanted = K_FALLBACK[wanted]
+    if wanted not in ("F16", "BF16") and shape[-1] % 32:
         return T.F16  # block formats need whole blocks of 32 along a row
-    return T.Q8_0 if outtype == "q8_0" else T.Q4_0
+    return T[wanted]
+
+
+def _k_mixture_type(outtype: str, gguf_name: str, width: int, n_layers: int, tied: bool) -> str:
+    base = K_MIXTURES[outtype]
+    if gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight"):
+        # the head (or the embedding serving as it) is the most sensitive tensor
+        return "Q6_K" if width % gguf_kquants.SUPER_BLOCK == 0 else "Q8_0"
+    m = re.match(r"^blk\.(\d+)\.(attn_v|ffn_down)\.weight$", gguf_name)
+    if not m:
+        return base
+    layer = int(m.group(1))
+    if outtype in ("q4_k_m", "q5_k_m") and use_more_bits(layer, n_layers):
+        return "Q6_K"
+    if outtype == "q4_k_s" and (layer < 4 if m.group(2) == "attn_v" else layer < n_layers // 8):
+        return "Q5_K"
+    return base
+
+
+def _encode(value: np.ndarray, qtype):
+    """The array GGUFWriter.add_tensor takes for ``value`` in ``qtype`` (bytes for block types)."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    if qtype == T.F32:
+        return np.ascontiguousarray(value)
+    if qtype == T.F16:
+        return value.astype(np.float16)
+    if qtype.name in _K_QUANTIZERS:
+        return _K_QUANTIZERS[qtype.name](value)
+    return quantize(value, qtype)
 
 
 def _file_type(outtype: str):
     from gguf import LlamaFileType as F
 
     return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
-            "q4_0": F.MOSTLY_Q4_0}[outtype]
+            "q4_0": F.MOSTLY_Q4_0, "q4_k_m": F.MOSTLY_Q4_K_M, "q4_k_s": F.MOSTLY_Q4_K_S,
+            "q5_k_m": F.MOSTLY_Q5_K_M, "q5_k_s": F.MOSTLY_Q5_K_S, "q6_k": F.MOSTLY_Q6_K}[outtype]
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -208,7 +264,6 @@ def _chat_template(tokenizer):
 def export_gguf(weights: dict, config: dict, tokenizer, outfile, outtype: str = "f16", name: str | None = None):
     """Write ``weights`` (HF names -> float arrays) as a GGUF file, atomically; returns its path."""
     import gguf
-    from gguf.quants import quantize
 
     if outtype not in OUTTYPES:
         raise GGUFExportError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
@@ -268,14 +323,8 @@ def export_gguf(weights: dict, config: dict, tokenizer, outfile, outtype: str = 
                 value = permute_rows(value, heads)
             elif permute and ".self_attn.k_proj." in hf_name:
                 value = permute_rows(value, kv_heads)
-            qtype = _qtype(outtype, value)
-            if qtype == gguf.GGMLQuantizationType.F32:
-                data = np.ascontiguousarray(value)
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                data = value.astype(np.float16)
-            else:
-                data = quantize(value, qtype)
-            writer.add_tensor(names[hf_name], data,
+            qtype = tensor_qtype(outtype, names[hf_name], value.shape, config["num_hidden_layers"], tied)
+            writer.add_tensor(names[hf_name], _encode(value, qtype),
                               raw_dtype=None if qtype in (gguf.GGMLQuantizationType.F32,
                                                           gguf.GGMLQuantizationType.F16) else qtype)
         writer.write_header_to_file()
@@ -350,19 +399,31 @@ def hf_dir_to_gguf(model_dir, outfile, outtype: str = "f16"):
                        name=model_dir.name)
 
 
-# Unsloth's names for the quantization methods of save_pretrained_gguf.
-UNSLOTH_METHODS = {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_0"}
+# Unsloth's names for the quantization methods of save_pretrained_gguf (unsloth/save.py maps them
+# the same way; its default, "fast_quantized", is q8_0).
+UNSLOTH_METHODS = {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m",
+                   "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
+DEFAULT_QUANTIZATION_METHOD = "fast_quantized"
 
 
-def save_merged_gguf(weights: dict, config: dict, tokenizer, directory, quantization_method: str = "f16",
-                     name_or_path=None, filename: str | None = None):
+def gguf_outtype(quantization_method) -> str:
+    """Unsloth's quantization_method (an alias, a type name in any case, or None) -> our outtype."""
+    method = (quantization_method or DEFAULT_QUANTIZATION_METHOD).lower()
+    method = UNSLOTH_METHODS.get(method, method)
+    if method not in OUTTYPES:
+        raise ValueError(f"quantization_method {quantization_method!r} is not supported by macft's GGUF writer: "
+                         f"use one of {', '.join(OUTTYPES)} or Unsloth's "
+                         f"{', '.join(f'{k} (= {v})' for k, v in UNSLOTH_METHODS.items())}; "
+                         "the other llama.cpp types (q2_k, q3_k_*, q4_1, q5_0, q5_1, iq*) are not written")
+    return method
+
+
+def save_merged_gguf(weights: dict, config: dict, tokenizer, directory,
+                     quantization_method: str = DEFAULT_QUANTIZATION_METHOD, name_or_path=None,
+                     filename: str | None = None):
     """``save_pretrained_gguf`` on either backend: a merged float state dict (HF names, numpy) ->
     ``<directory>/<name>-<type>.gguf``; returns the path."""
-    from pathlib import Path
-
-    method = UNSLOTH_METHODS.get(quantization_method, quantization_method)
-    if method not in OUTTYPES:
-        raise ValueError(f"quantization_method {quantization_method!r}: expected one of {', '.join(OUTTYPES)}")
+    method = gguf_outtype(quantization_method)
     name = Path(str(name_or_path or "model")).name or "model"
     outfile = Path(directory) / (filename or f"{name}-{method}.gguf")
     return export_gguf(weights, config, tokenizer, outfile, method, name=name)

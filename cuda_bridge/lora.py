@@ -411,7 +411,7 @@ def save_merged(model, tokenizer, directory, save_method: str = "merged_16bit", 
     return Path(directory)
 
 
-def save_gguf(model, tokenizer, directory, quantization_method: str = "f16", filename: str | None = None):
+def save_gguf(model, tokenizer, directory, quantization_method: str = "fast_quantized", filename: str | None = None):
     """Merge the adapters and write a GGUF file (the MLX core's ``save_pretrained_gguf``, same writer)."""
     from convert.gguf_export import save_merged_gguf
     from convert.merge import hf_config

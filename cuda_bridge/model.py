@@ -18,6 +18,7 @@ backends compute with the same weights.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -49,6 +50,15 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def use_one_blas_thread_on_cpu():
+    """On the CPU, in a process not running MLX, give the OpenBLAS that ``import macft`` loaded one
+    thread: it serves torch's BLAS calls too, and its threads and torch's contend (macft.openblas)."""
+    if not torch.cuda.is_available() and "mlx.core" not in sys.modules:
+        from macft.openblas import set_openblas_threads
+
+        set_openblas_threads(1)
+
+
 def parse_dtype(dtype):
     if dtype is None or dtype == "auto":
         return None
@@ -70,6 +80,7 @@ def load_pretrained(model_name=None, max_seq_length: int = 2048, dtype=None, loa
 
     if load_in_4bit and load_in_8bit:
         raise ModelLoadError("load_in_4bit and load_in_8bit are exclusive: pick one")
+    use_one_blas_thread_on_cpu()
     path = resolve_model_path(model_name, default_kind="hf")  # the float HF dir: no mlx needed
     if is_adapter_dir(path):
         model, tokenizer = load_pretrained(adapter_base(path), max_seq_length, dtype, load_in_4bit, load_in_8bit,

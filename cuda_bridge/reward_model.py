@@ -66,10 +66,15 @@ class RewardTrainer(RewardAlgorithm, Trainer):
     """TRL's RewardTrainer on the bridge: pairs in, a scalar reward model out."""
 
     def __init__(self, model, processing_class=None, args: RewardConfig | None = None, train_dataset=None,
-                 eval_dataset=None, tokenizer=None):
-        seed = (args or RewardConfig()).seed
-        super().__init__(as_reward_model(model, seed=seed), processing_class, args, train_dataset, eval_dataset,
-                         tokenizer)
+                 eval_dataset=None, tokenizer=None, peft_config=None, **trl_arguments):
+        from macft.trainer_arguments import load_model_for_trainer
+
+        if not isinstance(args, RewardConfig) and isinstance(processing_class, RewardConfig):
+            processing_class, args, tokenizer = tokenizer, processing_class, None  # TRL's positional order
+        model, loaded_tokenizer = load_model_for_trainer(model, self.backend, args or RewardConfig(), peft_config)
+        seed = getattr(args, "seed", None) or RewardConfig().seed
+        super().__init__(as_reward_model(model, seed=seed), processing_class or loaded_tokenizer, args, train_dataset,
+                         eval_dataset, tokenizer, **trl_arguments)
         self.model.head.weight.requires_grad_(True)
 
     def save_model(self, directory):

@@ -58,7 +58,8 @@ def main():
         train_dataset=str(HERE / "data" / "arith"),
         args=args,
     )
-    metrics = trainer.train()
+    trainer.train()
+    metrics = trainer.metrics_history  # trainer.state.log_history holds them too, as in TRL
     rewards = [m["reward_mean"] for m in metrics if "reward_mean" in m]
     first, last = rewards[:10], rewards[-10:]
     print(f"mean reward: first {len(first)} steps {sum(first) / len(first):.3f}, "

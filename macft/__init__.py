@@ -18,10 +18,22 @@ preload_openblas()
 _CONFIGS = ("TrainingConfig", "SFTConfig", "DPOConfig", "CPOConfig", "ORPOConfig", "KTOConfig", "RewardConfig",
             "GRPOConfig", "OnlineDPOConfig", "XPOConfig", "PPOConfig", "RLHFConfig")
 _SHARED = {name: "macft.config" for name in _CONFIGS}
+_SHARED["TrainingArguments"] = "macft.config"  # mlx-tune's name for the base config
+# Unsloth's unsloth.chat_templates helpers, which mlx-tune exports at the top level.
+_SHARED.update({name: "macft.chat_templates" for name in (
+    "get_chat_template", "train_on_responses_only", "standardize_sharegpt", "standardize_data_formats",
+    "to_sharegpt", "list_chat_templates", "get_template_for_model", "CHAT_TEMPLATES", "TEMPLATE_ALIASES")})
+# vLLM's request objects for model.fast_generate: `from macft import SamplingParams` replaces
+# `from vllm import SamplingParams` (there is no vLLM here).
+_SHARED.update({"SamplingParams": "macft.hf_generate", "LoRARequest": "macft.hf_generate"})
 
 # Names each backend provides.
 _BACKEND_NAMES = ("FastLanguageModel", "SFTTrainer", "DPOTrainer", "CPOTrainer", "ORPOTrainer", "KTOTrainer",
                   "RewardTrainer", "GRPOTrainer", "OnlineDPOTrainer", "XPOTrainer", "PPOTrainer", "RLHFTrainer")
+
+
+def PatchDPOTrainer():
+    """Unsloth's patch for TRL's preference trainers; macft's trainers need none (a no-op)."""
 
 
 def __getattr__(name):

@@ -126,11 +126,12 @@ def run_macft_sft(model_name, workdir: Path, batch_size, seq_len, steps, warmup,
     data_dir.mkdir()
     for split, split_rows in (("train", rows), ("valid", rows[:batch_size])):
         (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
-    config = SFTConfig(output_dir=str(workdir / "macft"), max_length=seq_len, max_steps=total_steps,
+    config = SFTConfig(logging_steps=1, seed=3407, output_dir=str(workdir / "macft"), max_length=seq_len, max_steps=total_steps,
                        per_device_train_batch_size=batch_size, learning_rate=1e-4, lr_scheduler_type="constant",
                        eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True, train_on_prompt=True)
     trainer = SFTTrainer(model=llm, processing_class=tokenizer, args=config, train_dataset=rows)
-    metrics = [m for m in trainer.train() if "tokens_per_sec" in m]
+    trainer.train()
+    metrics = [m for m in trainer.metrics_history if "tokens_per_sec" in m]
     measured = metrics[warmup:]
     tokens = sum(m["tokens"] for m in measured)
     seconds = sum(m["step_time_s"] for m in measured)

@@ -179,7 +179,7 @@ def run_macft_dpo(model_name, workdir: Path, batch_size, seq_len, steps, warmup,
     data_dir = workdir / "data"
     data_dir.mkdir()
     (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = DPOConfig(output_dir=str(workdir / "macft"), max_length=seq_len, max_steps=total_steps,
+    config = DPOConfig(logging_steps=1, seed=3407, output_dir=str(workdir / "macft"), max_length=seq_len, max_steps=total_steps,
                        per_device_train_batch_size=batch_size, learning_rate=1e-4, lr_scheduler_type="constant",
                        beta=beta, eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True)
     with warnings.catch_warnings():
@@ -192,7 +192,8 @@ def run_macft_dpo(model_name, workdir: Path, batch_size, seq_len, steps, warmup,
             raise typer.BadParameter(f"--seq-len {seq_len}: the prompt alone is {prompt_tokens} tokens")
         trainer = DPOTrainer(model=llm, processing_class=tokenizer, args=config, train_dataset=rows)
         batch_seconds = timed_micro_batches(trainer)
-        metrics = [m for m in trainer.train() if "tokens_per_sec" in m]
+        trainer.train()
+        metrics = [m for m in trainer.metrics_history if "tokens_per_sec" in m]
     if len(batch_seconds) < len(metrics):
         raise RuntimeError("could not time the batches' reference log-probs")
     step_seconds = [m["step_time_s"] for m in metrics]

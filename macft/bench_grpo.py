@@ -253,7 +253,7 @@ def run_macft_grpo_steps(model_name, workdir: Path, rows, group_size, num_prompt
     FastLanguageModel.get_peft_model(llm, r=lora_rank, lora_alpha=2 * lora_rank, num_layers=-1,
                                      use_gradient_checkpointing=False)
     total_steps = steps + warmup
-    config = GRPOConfig(output_dir=str(workdir), max_steps=total_steps, per_device_train_batch_size=num_prompts,
+    config = GRPOConfig(logging_steps=1, seed=3407, output_dir=str(workdir), max_steps=total_steps, per_device_train_batch_size=num_prompts,
                         num_generations=group_size, max_completion_length=max_tokens, temperature=temperature,
                         loss_type="grpo", epsilon=0.2, beta=0.0, learning_rate=1e-5, lr_scheduler_type="constant",
                         eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True)
@@ -267,7 +267,8 @@ def run_macft_grpo_steps(model_name, workdir: Path, rows, group_size, num_prompt
         trainer.eos_ids = []
 
     trainer.prepare = prepare_without_eos
-    metrics = [m for m in trainer.train() if "tokens_per_sec" in m]
+    trainer.train()
+    metrics = [m for m in trainer.metrics_history if "tokens_per_sec" in m]
     step_seconds = [m["step_time_s"] for m in metrics]
     measured = slice(warmup, None)
     tokens = sum(m["tokens"] for m in metrics[measured])

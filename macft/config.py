@@ -1,75 +1,192 @@
 """Trainer configs, shared by both backends.
 
-One dataclass per trainer, with TRL's field names wherever TRL has the field, so that
-``SFTConfig(per_device_train_batch_size=4, max_steps=100, ...)`` from a TRL or Unsloth script
-carries over. Fields TRL lacks follow mlx-lm-lora's names (``train_on_prompt``, ``eval_batches``).
+One dataclass per trainer, with TRL's field names and TRL 1.16's defaults wherever TRL has the
+field, so that ``SFTConfig(per_device_train_batch_size=4, max_steps=100, ...)`` from a TRL or
+Unsloth script carries over and means the same. Fields TRL lacks follow mlx-lm-lora's names
+(``train_on_prompt``, ``eval_batches``).
+
+Every other TRL 1.16 / transformers ``TrainingArguments`` setting is accepted too (the tables in
+``macft.trl_settings`` list them with their defaults, so this works without trl installed): one
+set to a value other than its default that macft cannot apply gives one ``ConfigWarning`` naming
+it; settings that only tune speed, logging services or multi-GPU setup are accepted quietly. A
+name that is neither a field nor a TRL/transformers setting is a TypeError, as in TRL.
 """
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
+from typing import ClassVar
+
+from macft.trl_settings import LEGACY_SETTINGS, RENAMED_SETTINGS, TRAINING_ARGUMENTS_DEFAULTS, TRL_CONFIG_DEFAULTS
 
 
 class ConfigError(ValueError):
     pass
 
 
+class ConfigWarning(UserWarning):
+    """A setting the config accepted but cannot apply as asked."""
+
+
+# lr_scheduler_type values macft.run_dir.learning_rate_at implements.
+LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial",
+                "inverse_sqrt", "cosine_with_min_lr")
+# optim values that are AdamW as it runs here; any other runs as AdamW after a warning (or SGD).
+ADAMW_NAMES = ("adamw", "adamw_torch", "adamw_torch_fused", "adam", "adamw_hf", "adamw_apex_fused")
+
+# Accepted without a warning although macft does not use them: they tune speed, memory layout,
+# logging services or the multi-GPU setup, not what is trained. (bf16/fp16: the weights keep the
+# dtype the model was loaded with, which is what a TRL/Unsloth script's precision flags match.)
+QUIET_SETTINGS = frozenset({
+    "bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "half_precision_backend", "dataset_num_proc",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "dataloader_drop_last", "dataloader_multiprocessing_context", "dataloader_in_order", "remove_unused_columns",
+    "logging_dir", "run_name", "project", "log_level", "log_level_replica", "log_on_each_node",
+    "logging_nan_inf_filter", "skip_memory_metrics", "do_train", "do_eval", "do_predict", "local_rank",
+    "ddp_find_unused_parameters", "ddp_bucket_cap_mb", "ddp_broadcast_buffers", "ddp_static_graph", "ddp_backend",
+    "ddp_timeout", "accelerator_config", "save_on_each_node", "save_safetensors", "use_cpu", "no_cuda",
+    "use_mps_device", "gradient_checkpointing_kwargs", "ds3_gather_for_generation", "model_init_kwargs",
+    "trust_remote_code", "average_tokens_across_devices", "disable_dropout", "pad_to_multiple_of",
+    "include_num_input_tokens_seen", "use_liger_kernel", "hub_token", "trackio_space_id", "trackio_bucket_id",
+    "trackio_static_space_id", "full_determinism", "dataset_kwargs", "vllm_mode", "vllm_model_impl",
+    "vllm_enable_sleep_mode", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
+    "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization", "vllm_max_model_length",
+    "vllm_tensor_parallel_size", "vllm_structured_outputs_regex", "cast_lm_head_to_fp32", "log_completions",
+    "num_completions_to_print", "log_unique_prompts", "log_multimodal", "torch_empty_cache_steps",
+    "eval_do_concat_batches", "eval_use_gather_object", "prediction_loss_only", "use_cache", "shuffle_dataset",
+    "use_native_training",
+})
+
+
+class _AcceptsTRLSettings(type):
+    """Metaclass of the configs: keyword arguments that are not fields but are TRL/transformers
+    settings of the matching TRL config are kept aside (``config.other_settings``) before the
+    dataclass ``__init__`` runs, so that ``__post_init__`` can check them."""
+
+    def __call__(cls, *args, **kwargs):
+        for old, new in RENAMED_SETTINGS.items():
+            if old in kwargs:
+                value = kwargs.pop(old)
+                kwargs.setdefault(new, value)  # the new name wins where both are given
+        fields = {f.name for f in dataclasses.fields(cls)}
+        known = cls.known_settings()
+        other = {name: kwargs.pop(name) for name in list(kwargs) if name not in fields}
+        unknown = [name for name in other if name not in known]
+        if unknown:
+            raise TypeError(f"{cls.__name__}.__init__() got an unexpected keyword argument {unknown[0]!r} (neither a "
+                            f"macft field nor a TRL/transformers setting)")
+        config = cls.__new__(cls)
+        config.__dict__["other_settings"] = other
+        config.__init__(*args, **kwargs)
+        return config
+
+
+def _normalized(value):
+    """A str enum (transformers' IntervalStrategy, SchedulerType...) as its string."""
+    if isinstance(value, str) and type(value) is not str:
+        return str(getattr(value, "value", value))
+    return value
+
+
+def _outside_this_module() -> int:
+    """The stacklevel that points a warning at the first caller outside this module (the line
+    that built the config), however many __post_init__ levels lie between."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename in (__file__, "<string>"):  # <string>: dataclass __init__
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _same_setting(value, default) -> bool:
+    """Whether ``value`` asks for nothing beyond ``default`` (report_to="none" and [] say the same)."""
+    value, default = _normalized(value), _normalized(default)
+    if value == default:
+        return True
+    nothing = (None, "none", "", [], (), "no", False)
+    return value in nothing and default in nothing
+
+
 @dataclass
-class TrainingConfig:
-    """What every trainer shares: optimisation, schedule, logging, checkpoints."""
+class TrainingConfig(metaclass=_AcceptsTRLSettings):
+    """What every trainer shares: optimisation, schedule, logging, checkpoints.
+
+    Defaults are transformers' TrainingArguments' (TRL's configs change a few per trainer)."""
+
+    # The TRL config (macft.trl_settings.TRL_CONFIG_DEFAULTS) whose other settings this one accepts.
+    trl_config: ClassVar[str | None] = None
+    # The algorithm's own fields in the settings block printed at the start of training.
+    summary_fields: ClassVar[tuple] = ()
 
     output_dir: str = "runs/latest"
     # A previous run in output_dir (run.json, metrics, checkpoints, adapter) is an error unless the
     # run resumes it or this is set; then its files are removed before training (transformers' name).
     overwrite_output_dir: bool = False
-    seed: int = 3407
+    seed: int = 42
 
-    # Optimisation (AdamW).
-    learning_rate: float = 2e-4
+    # Optimisation: AdamW (optim="sgd": SGD; other names run as AdamW after a warning).
+    learning_rate: float = 5e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    optim: str = "adamw"
+    optim: str = "adamw_torch_fused"
 
     # Length of training: max_steps wins when > 0, else num_train_epochs over the data.
     max_steps: int = -1
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 4
+    num_train_epochs: float = 3.0
+    per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
 
-    lr_scheduler_type: str = "linear"  # linear | cosine | constant
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"  # one of LR_SCHEDULES
+    lr_scheduler_kwargs: dict | None = None  # num_cycles, power, lr_end, min_lr, min_lr_rate, timescale
+    warmup_steps: float = 0  # < 1: a fraction of the total steps (transformers 5)
+    warmup_ratio: float = 0.0  # transformers 4's name for that fraction
 
-    # Logging, evaluation, checkpoints.
-    logging_steps: int = 1
-    eval_steps: int = 0  # 0: evaluate only at the end (when validation data exists)
+    # Logging, evaluation, checkpoints. *_steps below 1 are fractions of the total steps.
+    logging_steps: float = 10
+    logging_first_step: bool = False
+    # "steps": every eval_steps (default logging_steps); "epoch"; "no": only at the end of training
+    # (when there is validation data). eval_steps set with "no" evaluates every eval_steps (the CLI's
+    # --steps-per-eval).
+    eval_strategy: str = "no"
+    eval_steps: float | None = None
     eval_batches: int = 25  # -1: the whole validation split
-    per_device_eval_batch_size: int | None = None
-    save_steps: int = 0  # 0: no intermediate checkpoints
-    save_total_limit: int | None = 2
+    eval_on_start: bool = False  # evaluate before the first step too (transformers' name)
+    per_device_eval_batch_size: int = 8
+    save_strategy: str = "steps"  # "steps" (every save_steps), "epoch", "no"; the end is always saved
+    save_steps: float = 500
+    save_total_limit: int | None = None
     # Non-finite loss/gradient steps are skipped; this many in a row stop the run.
     nan_patience: int = 3
     # MLX: compile the training step (mx.compile). None: on where MLX runs on a GPU, off on the CPU.
     compile_step: bool | None = None
-    report_to: str | list | None = "none"  # accepted for TRL scripts; we log to metrics.jsonl
-    disable_tqdm: bool = False
-
-    # Ignored-but-accepted TRL/HF fields that scripts commonly pass.
-    bf16: bool | None = None
-    fp16: bool | None = None
-    use_cpu: bool = False
-    dataloader_num_workers: int = 0
-    logging_dir: str | None = None
+    report_to: str | list | None = "none"  # metrics go to metrics.jsonl (and the progress bar)
+    disable_tqdm: bool | None = None
+    # Applied when the trainer loads the model itself (model= a path); a model from
+    # FastLanguageModel keeps what get_peft_model(use_gradient_checkpointing=) set.
+    gradient_checkpointing: bool | None = True
+    # Canonical data key -> the dataset's own column name (e.g. {"prompt": "question"}); TRL's
+    # dataset_text_field and mlx-lm-lora's *_feature settings map into it.
+    dataset_columns: dict | None = None
+    # String prompts / completions read as chat turns, as mlx-lm-lora reads them (the command line
+    # sets this); False: as written, as TRL reads them (macft.data.strings_as_chat_turns).
+    strings_as_chat: bool = False
 
     def __post_init__(self):
+        self.lr_scheduler_type = _normalized(self.lr_scheduler_type)
+        self.eval_strategy = _normalized(self.eval_strategy)
+        self.save_strategy = _normalized(self.save_strategy)
+        self.optim = _normalized(self.optim)
         if isinstance(self.learning_rate, bool) or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
         if not self.num_train_epochs > 0:  # max_steps <= 0 means "use the epochs", as in TRL
             raise ConfigError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
-        for name in ("warmup_steps", "save_steps", "eval_steps", "weight_decay", "max_grad_norm"):
+        for name in ("warmup_steps", "warmup_ratio", "save_steps", "eval_steps", "logging_steps", "weight_decay",
+                     "max_grad_norm"):
             value = getattr(self, name)
             if value is not None and not value >= 0:  # also catches nan
                 raise ConfigError(f"{name} must be >= 0, got {value}")
@@ -77,19 +194,71 @@ class TrainingConfig:
             raise ConfigError(f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
         if self.gradient_accumulation_steps < 1:
             raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
-        if self.lr_scheduler_type not in ("linear", "cosine", "constant", "constant_with_warmup"):
-            raise ConfigError(f"lr_scheduler_type {self.lr_scheduler_type!r}: expected linear, cosine or constant")
+        if self.lr_scheduler_type not in LR_SCHEDULES:
+            raise ConfigError(f"lr_scheduler_type {self.lr_scheduler_type!r}: expected one of {', '.join(LR_SCHEDULES)}")
+        if self.eval_strategy not in ("no", "steps", "epoch"):
+            raise ConfigError(f"eval_strategy {self.eval_strategy!r}: expected no, steps or epoch")
+        if self.save_strategy not in ("no", "steps", "epoch", "best"):
+            raise ConfigError(f"save_strategy {self.save_strategy!r}: expected no, steps, epoch or best")
         if self.nan_patience < 1:
             raise ConfigError(f"nan_patience must be >= 1, got {self.nan_patience}")
-        if self.optim not in ("adamw", "adamw_torch", "adamw_8bit", "adamw_torch_fused", "adam", "sgd"):
-            raise ConfigError(f"optim {self.optim!r} is not supported (use adamw or sgd)")
+        self._warn_unused_settings()
+
+    # -- the other TRL/transformers settings
+    @classmethod
+    def known_settings(cls) -> dict:
+        """Every TRL/transformers setting this config accepts besides its fields, with its default."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        settings = {**LEGACY_SETTINGS, **TRAINING_ARGUMENTS_DEFAULTS, **TRL_CONFIG_DEFAULTS.get(cls.trl_config, {})}
+        return {name: default for name, default in settings.items() if name not in own}
+
+    def __getattr__(self, name):
+        # Only reached for names that are not attributes: an accepted setting reads as given, else
+        # as its TRL default, so code written for TRL's config objects can read any of them.
+        if name.startswith("__") or name == "other_settings":
+            raise AttributeError(name)
+        given = self.__dict__.get("other_settings", {})
+        if name in given:
+            return given[name]
+        known = type(self).known_settings()
+        if name in known:
+            return known[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def unused_settings(self) -> list[str]:
+        """What the config cannot apply, one phrase each (empty when everything applies)."""
+        known = type(self).known_settings()
+        notes = []
+        optim = str(self.optim)
+        if optim != "sgd" and optim not in ADAMW_NAMES:
+            notes.append(f"optim={optim!r} runs as AdamW (32-bit; the only other optimizer here is 'sgd')")
+        if self.save_strategy == "best":
+            notes.append("save_strategy='best' saves every save_steps (no best-metric tracking)")
+        if not _same_setting(self.report_to, "none"):
+            notes.append(f"report_to={self.report_to!r}: metrics go to metrics.jsonl in output_dir only")
+        other = self.__dict__.get("other_settings", {})
+        if other.get("use_vllm"):
+            notes.append("use_vllm=True: generation runs on macft's own engine (no vLLM)")
+        ignored = [f"{name}={value!r}" for name, value in other.items()
+                   if name not in QUIET_SETTINGS and name != "use_vllm" and not _same_setting(value, known.get(name))]
+        if ignored:
+            notes.append(f"{', '.join(ignored)} ignored (TRL/transformers settings macft does not apply)")
+        return notes
+
+    def _warn_unused_settings(self):
+        notes = self.unused_settings()
+        if notes:
+            warnings.warn(f"{type(self).__name__}: {'; '.join(notes)}", ConfigWarning, stacklevel=_outside_this_module())
 
     @property
     def eval_batch_size(self) -> int:
         return self.per_device_eval_batch_size or self.per_device_train_batch_size
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields, then the other settings that were given (as run.json records them)."""
+        values = dataclasses.asdict(self)
+        values.update(self.__dict__.get("other_settings", {}))
+        return values
 
 
 @dataclass
@@ -100,22 +269,33 @@ class SFTConfig(TrainingConfig):
     ``completion_only_loss=False`` or ``assistant_only_loss=False`` mean the same.
     """
 
-    max_length: int = 1024
+    trl_config: ClassVar[str] = "SFTConfig"
+    summary_fields: ClassVar[tuple] = ("max_length", "train_on_prompt", "dataset_text_field")
+
+    learning_rate: float = 2e-5
+    max_length: int | None = 1024
     max_seq_length: int | None = None  # older TRL / Unsloth name for max_length
     train_on_prompt: bool = False
     completion_only_loss: bool | None = None
+    # TRL's default is False (loss on whole conversations); macft's None keeps DESIGN section 5's
+    # rule (assistant tokens only) unless it is set to False explicitly.
     assistant_only_loss: bool | None = None
     dataset_text_field: str = "text"
     packing: bool = False
+    loss_type: str = "nll"
 
     def __post_init__(self):
-        super().__post_init__()
         if self.max_seq_length is not None:
             self.max_length = self.max_seq_length
+        if self.max_length is None:  # TRL: no truncation; here the model's max_seq_length bounds it
+            self.max_length = 1_000_000_000
+        super().__post_init__()
         if self.completion_only_loss is False or self.assistant_only_loss is False:
             self.train_on_prompt = True
         if self.packing:
             raise ConfigError("packing=True is not supported yet; leave it False")
+        if self.loss_type != "nll":
+            raise ConfigError(f"SFT loss_type {self.loss_type!r}: only 'nll' is supported")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
 
@@ -124,9 +304,12 @@ class SFTConfig(TrainingConfig):
 class PreferenceConfig(TrainingConfig):
     """What the offline preference trainers share (prompt / chosen / rejected data)."""
 
+    summary_fields: ClassVar[tuple] = ("beta", "max_length", "max_prompt_length")
+
+    learning_rate: float = 1e-6
     beta: float = 0.1
     max_length: int = 1024
-    max_prompt_length: int | None = 512
+    max_prompt_length: int | None = 512  # not a TRL 1.16 field (older TRL's): prompts keep their last tokens
     reference_model_path: str | None = None  # default: the base model with the adapters switched off
     precompute_ref_log_probs: bool = False
 
@@ -135,7 +318,10 @@ class PreferenceConfig(TrainingConfig):
 class DPOConfig(PreferenceConfig):
     """Direct Preference Optimization (TRL's DPOConfig)."""
 
-    loss_type: str | list = "sigmoid"  # sigmoid | robust | hinge | ipo | ... (algorithms.dpo)
+    trl_config: ClassVar[str] = "DPOConfig"
+    summary_fields: ClassVar[tuple] = PreferenceConfig.summary_fields + ("loss_type", "label_smoothing", "rpo_alpha")
+
+    loss_type: str | list = "sigmoid"  # sigmoid | robust | hinge | ipo | ... (algorithms.dpo); a list sums them
     label_smoothing: float = 0.0
     rpo_alpha: float | None = None  # adds rpo_alpha * NLL(chosen)
 
@@ -143,6 +329,9 @@ class DPOConfig(PreferenceConfig):
 @dataclass
 class CPOConfig(PreferenceConfig):
     """Contrastive Preference Optimization, incl. SimPO (TRL's CPOConfig)."""
+
+    trl_config: ClassVar[str] = "CPOConfig"
+    summary_fields: ClassVar[tuple] = PreferenceConfig.summary_fields + ("loss_type", "cpo_alpha", "simpo_gamma")
 
     loss_type: str = "sigmoid"  # sigmoid | hinge | ipo | simpo
     label_smoothing: float = 0.0
@@ -154,10 +343,16 @@ class CPOConfig(PreferenceConfig):
 class ORPOConfig(PreferenceConfig):
     """Odds Ratio Preference Optimization (TRL's ORPOConfig); needs no reference model."""
 
+    trl_config: ClassVar[str] = "ORPOConfig"
+
 
 @dataclass
 class KTOConfig(PreferenceConfig):
     """Kahneman-Tversky Optimization (TRL's KTOConfig); data: prompt / completion / label."""
+
+    trl_config: ClassVar[str] = "KTOConfig"
+    summary_fields: ClassVar[tuple] = PreferenceConfig.summary_fields + ("loss_type", "desirable_weight",
+                                                                         "undesirable_weight")
 
     loss_type: str = "kto"
     desirable_weight: float = 1.0
@@ -168,6 +363,10 @@ class KTOConfig(PreferenceConfig):
 class RewardConfig(TrainingConfig):
     """Reward model training on preference pairs (TRL's RewardConfig)."""
 
+    trl_config: ClassVar[str] = "RewardConfig"
+    summary_fields: ClassVar[tuple] = ("max_length", "center_rewards_coefficient")
+
+    learning_rate: float = 1e-4
     max_length: int = 1024
     center_rewards_coefficient: float | None = None
 
@@ -179,7 +378,7 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    max_prompt_length: int | None = 512
+    max_prompt_length: int | None = 512  # not a TRL 1.16 field (older TRL's): prompts keep their last tokens
 
 
 @dataclass
@@ -190,9 +389,14 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
     the values each paper recommends (``algorithms.grpo.PRESETS``), then your overrides.
     """
 
-    learning_rate: float = 1e-5
+    trl_config: ClassVar[str] = "GRPOConfig"
+    summary_fields: ClassVar[tuple] = ("loss_type", "num_generations", "max_completion_length", "beta", "epsilon",
+                                       "epsilon_high", "temperature", "scale_rewards", "importance_sampling_level",
+                                       "num_iterations")
+
+    learning_rate: float = 1e-6
     num_generations: int = 8
-    max_completion_length: int = 256
+    max_completion_length: int = 512
     beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None
@@ -209,6 +413,9 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
     overlong_buffer_length: int | None = None
     overlong_penalty_factor: float = 1.0
     preset: str | None = None
+    # A system turn before string prompts whose row has no "system" column (with strings_as_chat;
+    # mlx-lm-lora's GRPO has one: macft.data.MLX_LM_LORA_GRPO_SYSTEM).
+    default_system_prompt: str | None = None
 
     @classmethod
     def from_preset(cls, name: str, **overrides):
@@ -227,8 +434,11 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
 class OnlineDPOConfig(TrainingConfig, GenerationSettings):
     """Online DPO (TRL's OnlineDPOConfig): two samples per prompt, a judge picks the chosen one."""
 
+    trl_config: ClassVar[str] = "OnlineDPOConfig"
+    summary_fields: ClassVar[tuple] = ("beta", "loss_type", "max_new_tokens", "temperature", "missing_eos_penalty")
+
     learning_rate: float = 5e-7
-    beta: float = 0.1
+    beta: float = 0.1  # TRL's is a list (one per epoch); a one-item list is that value
     loss_type: str = "sigmoid"  # sigmoid | ipo
     max_new_tokens: int = 64
     temperature: float = 0.9
@@ -236,17 +446,31 @@ class OnlineDPOConfig(TrainingConfig, GenerationSettings):
     reward_weights: list[float] | None = None
     reference_model_path: str | None = None  # default: the base with the adapters off (a frozen copy if full)
 
+    def __post_init__(self):
+        if isinstance(self.beta, (list, tuple)):
+            if len(self.beta) != 1:
+                raise ConfigError(f"beta={self.beta!r}: one beta per epoch is not supported; give one value")
+            self.beta = float(self.beta[0])
+        super().__post_init__()
+
 
 @dataclass
 class XPOConfig(OnlineDPOConfig):
     """Exploratory Preference Optimization (trl 1.13's XPOConfig)."""
+
+    trl_config: ClassVar[str] = "XPOConfig"
+    summary_fields: ClassVar[tuple] = OnlineDPOConfig.summary_fields + ("alpha",)
 
     alpha: float = 1e-5
 
 
 @dataclass
 class PPOConfig(TrainingConfig, GenerationSettings):
-    """Proximal Policy Optimization for RLHF (trl 1.12's PPOConfig field names)."""
+    """Proximal Policy Optimization for RLHF (trl 1.12's PPOConfig field names and defaults)."""
+
+    trl_config: ClassVar[str] = "PPOConfig"
+    summary_fields: ClassVar[tuple] = ("num_ppo_epochs", "num_mini_batches", "kl_coef", "cliprange", "vf_coef",
+                                       "response_length", "temperature")
 
     learning_rate: float = 3e-6
     num_ppo_epochs: int = 4
@@ -270,6 +494,8 @@ class PPOConfig(TrainingConfig, GenerationSettings):
 class RLHFConfig(PPOConfig):
     """RLHF in one run: train a reward model on preference pairs, then the policy with PPO."""
 
+    summary_fields: ClassVar[tuple] = PPOConfig.summary_fields + ("reward_max_steps", "reward_learning_rate")
+
     reward_max_steps: int = 100
     reward_learning_rate: float = 1e-4
     reward_center_rewards_coefficient: float | None = None
@@ -286,3 +512,6 @@ def make_config(config_class, values: dict, source: str = "config"):
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} for {config_class.__name__}")
     return config_class(**values)
+
+
+TrainingArguments = TrainingConfig  # mlx-tune's (and transformers') name for the base config

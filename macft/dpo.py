@@ -3,54 +3,71 @@
 Also holds what the offline preference commands (dpo, cpo, orpo, kto) share.
 """
 
+from dataclasses import replace
+
 from macft.cli import (BETA, LOSS_TYPE, REFERENCE_MODEL, CLIError, Flag, load_model_for_training, main_for,
-                       print_summary, resume_path, training_config_values)
+                       print_summary, train_with, training_config_values)
 
 HELP = "Direct Preference Optimization on prompt / chosen / rejected pairs."
 
 MAX_PROMPT_LENGTH = Flag("max_prompt_length", ("--max-prompt-length",), int, 512,
                          "Keep at most the last N prompt tokens.")
-LABEL_SMOOTHING = Flag("label_smoothing", ("--label-smoothing",), float, None,
+LABEL_SMOOTHING = Flag("label_smoothing", ("--label-smoothing",), float, 0.0,
                        "Assumed fraction of flipped preference labels (conservative / robust losses).")
 PRECOMPUTE_REF = Flag("precompute_ref_log_probs", ("--precompute-ref-log-probs",), bool, False,
                       "Compute the reference log-probs once before training.")
 SUMMARY_KEYS = ("loss", "rewards/margins", "rewards/accuracies")
 
+# mlx-lm-lora's --dpo-cpo-loss-type default.
+PREFERENCE_LOSS_TYPE = replace(LOSS_TYPE, default="sigmoid",
+                               help="Loss variant: sigmoid, hinge, ipo, ... (mlx-lm-lora: --dpo-cpo-loss-type).")
+
 FLAGS = (
-    BETA, LOSS_TYPE, REFERENCE_MODEL, MAX_PROMPT_LENGTH, LABEL_SMOOTHING, PRECOMPUTE_REF,
+    BETA, PREFERENCE_LOSS_TYPE, REFERENCE_MODEL, MAX_PROMPT_LENGTH, LABEL_SMOOTHING, PRECOMPUTE_REF,
     Flag("rpo_alpha", ("--rpo-alpha",), float, None, "Add RPO's alpha * NLL of the chosen completions."),
 )
 
 
 def train_preference(values: dict, command: str, data_format: str, **algorithm_fields):
-    """Build ``<COMMAND>Config`` from the common flags plus ``algorithm_fields`` (None: the config's
-    default), train ``<COMMAND>Trainer`` on --data, and print the summary."""
-    import macft
-
+    """Build ``<COMMAND>Config`` from the common flags plus ``algorithm_fields`` (every one given:
+    the CLI's values, never the Python defaults), train ``<COMMAND>Trainer`` on --data, and print
+    the summary."""
     if not values["data"]:
         raise CLIError(f"--data is required: a .jsonl file or a directory with train.jsonl / valid.jsonl of "
                        f"{data_format} rows")
-    name = command.upper()
-    fields = {key: value for key, value in algorithm_fields.items() if value is not None}
-    config = getattr(macft, f"{name}Config")(max_length=values["max_seq_length"],
-                                             max_prompt_length=values["max_prompt_length"], **fields,
-                                             **training_config_values(values))
     model, tokenizer = load_model_for_training(values)
-    trainer = getattr(macft, f"{name}Trainer")(model=model, processing_class=tokenizer, args=config,
-                                               train_dataset=values["data"])
-    print_summary(trainer.train(resume_from_checkpoint=resume_path(values)), config.output_dir, SUMMARY_KEYS)
+    trainer = build_preference_trainer(values, command, model, tokenizer, **algorithm_fields)
+    print_summary(train_with(trainer, values), trainer.args.output_dir, SUMMARY_KEYS)
+    return trainer
+
+
+def build_preference_trainer(values: dict, command: str, model, tokenizer, eval_dataset=None, **algorithm_fields):
+    import macft
+
+    name = command.upper()
+    config = getattr(macft, f"{name}Config")(max_length=values["max_seq_length"],
+                                             max_prompt_length=values["max_prompt_length"], **algorithm_fields,
+                                             **training_config_values(values))
+    return getattr(macft, f"{name}Trainer")(model=model, processing_class=tokenizer, args=config,
+                                            train_dataset=values["data"], eval_dataset=eval_dataset)
+
+
+def dpo_fields(values: dict) -> dict:
+    loss_type = values["loss_type"]
+    if loss_type and "," in loss_type:  # several DPO losses, summed
+        loss_type = [name.strip() for name in loss_type.split(",") if name.strip()]
+    return dict(beta=values["beta"], loss_type=loss_type, label_smoothing=values["label_smoothing"],
+                rpo_alpha=values["rpo_alpha"], reference_model_path=values["reference_model_path"],
+                precompute_ref_log_probs=values["precompute_ref_log_probs"])
+
+
+FIELDS = dpo_fields
 
 
 def run(values: dict):
     from macft.data import PREFERENCE_FORMAT
 
-    loss_type = values["loss_type"]
-    if loss_type and "," in loss_type:  # several DPO losses, summed
-        loss_type = [name.strip() for name in loss_type.split(",") if name.strip()]
-    train_preference(values, "dpo", PREFERENCE_FORMAT, beta=values["beta"], loss_type=loss_type,
-                     label_smoothing=values["label_smoothing"], rpo_alpha=values["rpo_alpha"],
-                     reference_model_path=values["reference_model_path"],
-                     precompute_ref_log_probs=values["precompute_ref_log_probs"])
+    return train_preference(values, "dpo", PREFERENCE_FORMAT, **dpo_fields(values))
 
 
 if __name__ == "__main__":

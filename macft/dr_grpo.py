@@ -12,7 +12,7 @@ FLAGS = GROUP_FLAGS
 
 
 def run(values: dict):
-    train_group_algorithm(values, "dr_grpo")
+    return train_group_algorithm(values, "dr_grpo")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def export_gguf_command(
         None, "--model", help="Hub id, local HF/MLX dir or .gguf (default: the adapter's base, else SmolLM2-135M)."),
     adapter_path: Optional[str] = typer.Option(None, "--adapter-path", help="Adapter to merge in first."),
     outfile: Optional[str] = typer.Option(None, "--outfile", help="GGUF file to write (default: <model>-<type>.gguf)."),
-    outtype: str = typer.Option("f16", "--outtype", help="f16, bf16, f32, q8_0 or q4_0."),
+    outtype: str = typer.Option("f16", "--outtype", help="f16, bf16, f32, q8_0, q4_0, q4_k_m, q4_k_s, q5_k_m, q5_k_s or q6_k."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ):
     """Write a model, with an optional adapter merged in, as a GGUF file."""

@@ -12,7 +12,7 @@ FLAGS = GROUP_FLAGS
 
 
 def run(values: dict):
-    train_group_algorithm(values, "gspo")
+    return train_group_algorithm(values, "gspo")
 
 
 if __name__ == "__main__":

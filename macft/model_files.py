@@ -57,6 +57,8 @@ class ModelInfo:
     peft: PeftSettings | None = None
     gradient_checkpointing: bool = False
     streaming_tokenizer: object = None  # mlx-lm's wrapper, made on first generation (MLX core)
+    tokenizer: object = None  # from_pretrained's tokenizer: generate's EOS ids, fast_generate, save_pretrained_merged
+    lora_config: dict | None = None  # get_peft_model's arguments (mlx-tune's model.lora_config)
 
 
 # ----------------------------------------------------------------------------- locating models

@@ -3,6 +3,11 @@
 MLX's Linux wheel links the reference BLAS (about 5 GFLOP/s). Loading OpenBLAS into the
 global symbol namespace *before* ``mlx.core`` is imported makes MLX resolve its BLAS calls
 there instead (about 30x faster matmuls). On macOS MLX uses Accelerate and Metal: nothing to do.
+
+Loaded globally, OpenBLAS also serves torch's CPU BLAS calls, and its threads then contend with
+torch's own inside torch's parallel regions: CPU attention runs ~50x slower. A process that
+runs the bridge on the CPU (and not MLX) therefore asks OpenBLAS for one thread
+(``set_openblas_threads``); torch parallelises around it.
 """
 
 import ctypes
@@ -20,11 +25,12 @@ _CANDIDATES = (
 )
 
 _done = False
+_library = None  # the loaded OpenBLAS, for its thread count
 
 
 def preload_openblas() -> str | None:
     """Load OpenBLAS globally once; returns its path, or None where there is none to load."""
-    global _done
+    global _done, _library
     if _done or sys.platform != "linux":
         return None
     _done = True
@@ -37,7 +43,7 @@ def preload_openblas() -> str | None:
         paths.append(found)
     for path in paths:
         try:
-            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            _library = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             return path
         except OSError:
             continue
@@ -47,3 +53,13 @@ def preload_openblas() -> str | None:
         stacklevel=2,
     )
     return None
+
+
+def set_openblas_threads(count: int) -> int | None:
+    """Set the thread count of the OpenBLAS this module loaded; returns the previous count, or
+    None where none was loaded."""
+    if _library is None:
+        return None
+    previous = _library.openblas_get_num_threads()
+    _library.openblas_set_num_threads(int(count))
+    return previous

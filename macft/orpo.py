@@ -11,7 +11,14 @@ FLAGS = (BETA, MAX_PROMPT_LENGTH)
 def run(values: dict):
     from macft.data import PREFERENCE_FORMAT
 
-    train_preference(values, "orpo", PREFERENCE_FORMAT, beta=values["beta"])
+    return train_preference(values, "orpo", PREFERENCE_FORMAT, **orpo_fields(values))
+
+
+def orpo_fields(values: dict) -> dict:
+    return dict(beta=values["beta"])
+
+
+FIELDS = orpo_fields
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`python -m macft.reward` / `macft reward`: train a reward model (a scalar head on the LM) from pairs."""
 
-from macft.cli import (CLIError, Flag, load_model_for_training, main_for, print_summary, resume_path,
+from macft.cli import (CLIError, Flag, load_model_for_training, main_for, print_summary, train_with,
                        training_config_values)
 
 HELP = "Train a reward model (scalar head on the LM, Bradley-Terry loss) from prompt/chosen/rejected pairs."
@@ -21,8 +21,9 @@ def run(values: dict):
                           **training_config_values(values))
     model, tokenizer = load_model_for_training(values)
     trainer = RewardTrainer(model=model, processing_class=tokenizer, args=config, train_dataset=values["data"])
-    print_summary(trainer.train(resume_from_checkpoint=resume_path(values)), config.output_dir,
+    print_summary(train_with(trainer, values), config.output_dir,
                   keys=("loss", "accuracy"))
+    return trainer
 
 
 if __name__ == "__main__":

@@ -1,15 +1,25 @@
 """Reward functions: loading them from users' files, the built-ins, and scoring completions.
 
 A reward file is plain Python (DESIGN section 5). Every public function whose name contains
-``reward`` is a reward function, or only the one named after ``file.py:NAME``. Each has TRL's
-signature ``f(prompts, completions, **columns) -> list[float | None]``, where every other column
-of the dataset (``answer``, say) arrives as a keyword argument; ``None`` means "not applicable".
-Every other value must be a number (int, float, bool, numpy number), as in TRL. A function that
-raises, or returns something else, stops the run with a message naming it, its file and line, and
+``reward`` is a reward function, or only the one named after ``file.py:NAME``; in a file written
+for mlx-lm-lora, the functions it registers with ``@register_reward_function()`` (see
+``macft.reward_compat``). Each returns ``list[float | None]``, where ``None`` means "not
+applicable"; every other value must be a number (int, float, bool, numpy number), as in TRL.
+
+Reward functions are called as TRL 1.16 calls them, by keyword: ``prompts=``, ``completions=``,
+``completion_ids=`` (when the trainer has them), every other dataset column (``answer=``, say) and
+``trainer_state=`` (when the trainer gives one). A function with ``**kwargs`` (TRL's and Unsloth's,
+``match_format_exactly(completions, **kwargs)`` say) gets all of them; one without (mlx-lm-lora's
+``f(prompts, completions, answer, types=None)``) gets only the parameters it names, and
+mlx-lm-lora's ``types`` is the ``type`` column. A function that needs an argument nothing gives,
+raises, or returns something else stops the run with a message naming it, its file and line, and
 the sample. Reward files run as the user's own code.
 """
 
+import asyncio
+import concurrent.futures
 import difflib
+import functools
 import importlib.util
 import inspect
 import math
@@ -22,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from macft.reward_compat import MLX_LM_LORA_DEFAULT_REWARDS, R1_BUILTINS, completion_text, mlx_lm_lora_registry
+
 
 class RewardError(RuntimeError):
     """A reward function failed; the message names the function and the sample."""
@@ -32,9 +44,12 @@ class RewardFunction:
     name: str
     fn: object
     weight: float = 1.0
+    # mlx-lm-lora's functions expect completions as text, never as message lists.
+    text_completions: bool = False
 
     def __call__(self, prompts, completions, **columns):
-        return self.fn(prompts, completions, **columns)
+        args, kwargs = _call_arguments(self, dict(prompts=prompts, completions=completions, **columns))
+        return _awaited(self.fn(*args, **kwargs))
 
     @property
     def code(self):
@@ -42,17 +57,30 @@ class RewardFunction:
         fn = inspect.unwrap(self.fn)
         return getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
 
+    @functools.cached_property
+    def signature(self) -> inspect.Signature | None:
+        """The parameters it takes, or None for a callable that hides them (some C functions)."""
+        try:
+            return inspect.signature(self.fn)
+        except (TypeError, ValueError):
+            return None
+
+
+@dataclass
+class RewardTrainerState:
+    """What TRL passes as ``trainer_state`` (its ``TrainerState``), reduced to what reward
+    functions read from it to shape rewards by training progress."""
+    global_step: int  # optimizer steps done before this batch
+    max_steps: int | None = None
+    epoch: float | None = None
+
 
 # ----------------------------------------------------------------------------- built-ins
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def _text(completion) -> str:
-    """A completion as text, whether plain or conversational ([{"role": "assistant", ...}])."""
-    if isinstance(completion, list):
-        return "".join(m.get("content", "") for m in completion if isinstance(m, dict))
-    return str(completion)
+_text = completion_text
 
 
 def accuracy_reward(prompts, completions, answer=None, **kwargs):
@@ -93,6 +121,7 @@ BUILTINS = {
     "numeric": numeric_reward,
     "format": format_reward,
     "length_penalty": length_penalty_reward,
+    **R1_BUILTINS,  # mlx-lm-lora's names: --reward-functions r1_accuracy_reward_func,r1_int_reward_func
 }
 
 
@@ -100,7 +129,8 @@ BUILTINS = {
 
 
 def load_reward_functions(specs, weights=None) -> list[RewardFunction]:
-    """``specs``: callables, built-in names (``accuracy``, ``numeric``, ...) or ``file.py[:NAME]``."""
+    """``specs``: callables, built-in names (``accuracy``, ``numeric``, mlx-lm-lora's
+    ``r1_accuracy_reward_func``, ...) or ``file.py[:NAME]``."""
     specs = [specs] if isinstance(specs, (str, Path)) or callable(specs) else list(specs or [])
     functions: list[RewardFunction] = []
     for spec in specs:
@@ -113,6 +143,39 @@ def load_reward_functions(specs, weights=None) -> list[RewardFunction]:
     if not functions:
         raise RewardError("no reward function given: pass --reward-fn FILE[:NAME] or a built-in "
                           f"({', '.join(BUILTINS)})")
+    return _weighted(functions, weights)
+
+
+def load_named_reward_functions(names, reward_file=None, weights=None) -> list[RewardFunction]:
+    """mlx-lm-lora's ``--reward-functions NAMES [--reward-functions-file FILE]``: each name is a
+    function of the file (one it registers, under the name it registers, or one it defines) or else
+    a built-in. ``names``: a list or mlx-lm-lora's comma-separated string. Without names: the file's
+    reward functions, or, without a file either, mlx-lm-lora's default set (the five ``r1_*``).
+    (mlx-lm-lora itself uses its default set whenever no names are given, even with a file; a file
+    passed without names is more likely meant to be used.)"""
+    names = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names or [])
+    if not names and reward_file:
+        return _weighted(_from_file(str(reward_file)), weights)
+    in_file, registered = _load_reward_module(Path(reward_file)) if reward_file else ({}, {})
+    candidates = {**in_file, **registered}
+    functions = []
+    for name in names or MLX_LM_LORA_DEFAULT_REWARDS:
+        if name in candidates:
+            functions.append(RewardFunction(name, candidates[name], text_completions=name in registered))
+        elif name in BUILTINS:
+            functions.append(RewardFunction(name, BUILTINS[name]))
+        else:
+            known = list(registered or {n: f for n, f in in_file.items() if "reward" in n}) + list(BUILTINS)
+            close = difflib.get_close_matches(name, known, n=1)
+            raise RewardError(f"--reward-functions {name}: no such reward function ("
+                              + (f"{reward_file} registers or defines: {', '.join(sorted(candidates)) or 'none'}; "
+                                 if reward_file else "")
+                              + f"the built-ins are {', '.join(BUILTINS)})"
+                              + (f"; did you mean {close[0]!r}?" if close else ""))
+    return _weighted(functions, weights)
+
+
+def _weighted(functions: list[RewardFunction], weights) -> list[RewardFunction]:
     if weights is not None:
         weights = list(weights)
         if len(weights) != len(functions):
@@ -128,28 +191,44 @@ def _from_file(spec: str) -> list[RewardFunction]:
     path = Path(path)
     if not path.is_file():
         raise RewardError(_neither_file_nor_builtin(spec, path))
+    found, registered = _load_reward_module(path)
+    if wanted:
+        if wanted in registered:  # a name given to @register_reward_function("wanted") counts first
+            return [RewardFunction(wanted, registered[wanted], text_completions=True)]
+        if wanted not in found:
+            raise RewardError(f"--reward-fn {spec}: {path} has no function {wanted!r} "
+                              f"(it has: {', '.join(sorted({**found, **registered})) or 'none'})")
+        return [RewardFunction(wanted, found[wanted])]
+    if registered:
+        # An mlx-lm-lora file: what it registers are its reward functions (whatever their names),
+        # the rest are helpers, as they are for mlx-lm-lora.
+        return [RewardFunction(name, fn, text_completions=True) for name, fn in registered.items()]
+    chosen = [RewardFunction(name, fn) for name, fn in found.items() if "reward" in name]
+    if not chosen:
+        raise RewardError(f"--reward-fn {path}: no public function with 'reward' in its name and none registered "
+                          "with @register_reward_function() (name one with FILE:NAME)")
+    return chosen
+
+
+def _load_reward_module(path: Path) -> tuple[dict, dict]:
+    """Runs the file; returns its public functions and the ones it registered for mlx-lm-lora
+    (each name -> function)."""
+    if not path.is_file():
+        raise RewardError(f"--reward-functions-file {path}: no such file")
     module_name = f"macft_reward_{abs(hash(str(path.resolve())))}"
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
     try:
-        module_spec.loader.exec_module(module)
+        with mlx_lm_lora_registry() as registered:
+            module_spec.loader.exec_module(module)
     except Exception as e:
         frame = _deepest_frame_in(e, str(path))
         at = f" (at {frame.filename}:{frame.lineno}: {frame.line})" if frame and not isinstance(e, SyntaxError) else ""
         raise RewardError(f"--reward-fn {path}: importing it failed: {type(e).__name__}: {e}{at}") from e
     found = {name: fn for name, fn in vars(module).items()
              if inspect.isfunction(fn) and fn.__module__ == module_name and not name.startswith("_")}
-    if wanted:
-        if wanted not in found:
-            raise RewardError(f"--reward-fn {spec}: {path} has no function {wanted!r} "
-                              f"(it has: {', '.join(sorted(found)) or 'none'})")
-        return [RewardFunction(wanted, found[wanted])]
-    chosen = [RewardFunction(name, fn) for name, fn in found.items() if "reward" in name]
-    if not chosen:
-        raise RewardError(f"--reward-fn {path}: no public function with 'reward' in its name "
-                          "(name one with FILE:NAME)")
-    return chosen
+    return found, registered
 
 
 def _neither_file_nor_builtin(spec: str, path: Path) -> str:
@@ -162,18 +241,29 @@ def _neither_file_nor_builtin(spec: str, path: Path) -> str:
 # ----------------------------------------------------------------------------- scoring
 
 
-def score_completions(functions: list[RewardFunction], prompts: list, completions: list,
-                      columns: dict[str, list]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def score_completions(functions: list[RewardFunction], prompts: list, completions: list, columns: dict[str, list],
+                      completion_ids: list | None = None, trainer_state=None, log_metric=None, log_extra=None
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Weighted total reward per completion, and each function's raw scores (NaN where None).
 
+    Each function is called as TRL calls it (module docstring): ``completion_ids`` (the sampled
+    token ids, one list per completion; also taken from ``columns["completion_ids"]``),
+    ``trainer_state`` (TRL's, or a ``RewardTrainerState``) and TRL's ``log_metric(name, value)`` /
+    ``log_extra(column, values)`` reach the functions only when given here.
     A None ("not applicable") counts as 0 in the weighted sum and as NaN in the function's record,
     so per-function means skip it.
     """
+    offered = _offered_arguments(prompts, completions, columns, completion_ids, trainer_state=trainer_state,
+                                 log_extra=log_extra, log_metric=log_metric)
     per_function: dict[str, np.ndarray] = {}
     total = np.zeros(len(completions), dtype=np.float64)
     for function in functions:
+        arguments = offered
+        if function.text_completions:
+            arguments = {**offered, "completions": [_text(c) for c in completions]}
+        args, kwargs = _call_arguments(function, arguments)
         try:
-            values = function(prompts, completions, **columns)
+            values = _awaited(function.fn(*args, **kwargs))
         except Exception as e:
             raise RewardError(f"reward function {function.name!r} raised {type(e).__name__}: {e} "
                               f"(first prompt of the batch: {_short(prompts[0])}; {_raised_where(e, function)})"
@@ -198,6 +288,105 @@ def score_completions(functions: list[RewardFunction], prompts: list, completion
         per_function[function.name] = scores
         total += function.weight * np.nan_to_num(scores, nan=0.0)
     return total, per_function
+
+
+# TRL passes every dataset column but these (the prompt and completion arrive as prompts= and completions=).
+_NOT_COLUMNS = ("prompt", "completion", "completion_ids", "prompts", "completions")
+
+
+def _offered_arguments(prompts, completions, columns, completion_ids, **trainer_given) -> dict:
+    """Every keyword argument a reward function may take, in the order TRL passes them."""
+    offered = {"prompts": prompts, "completions": completions}
+    completion_ids = completion_ids if completion_ids is not None else columns.get("completion_ids")
+    if completion_ids is not None:
+        offered["completion_ids"] = completion_ids
+    offered.update((key, values) for key, values in columns.items() if key not in _NOT_COLUMNS)
+    offered.update((key, value) for key, value in trainer_given.items() if value is not None)
+    return offered
+
+
+def _call_arguments(function: RewardFunction, offered: dict) -> tuple[list, dict]:
+    """(positional, keyword) arguments for `function`: everything offered when it takes
+    ``**kwargs``, as TRL calls every reward function; else only the parameters it names (an
+    mlx-lm-lora function, ``f(prompts, completions, answer, types=None)``). A parameter without a
+    default that nothing offered fills is a RewardError before the call, not a TypeError from it."""
+    if function.signature is None:
+        return [], dict(offered)
+    parameters = list(function.signature.parameters.values())
+    args = []
+    if _takes_prompts_and_completions_by_position(parameters, offered):
+        args = [offered["prompts"], offered["completions"]]
+        parameters = parameters[2:]
+        offered = {k: v for k, v in offered.items() if k not in ("prompts", "completions")}
+    takes_any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    kwargs = dict(offered) if takes_any_keyword else {}
+    for parameter in parameters:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        source = _offered_name(parameter.name, offered)
+        if source is None:
+            if parameter.default is parameter.empty:
+                raise RewardError(_cannot_give(function, parameter.name, offered))
+            continue
+        if parameter.kind is parameter.POSITIONAL_ONLY:
+            args.append(offered[source])
+        else:
+            kwargs[parameter.name] = offered[source]
+    return args, kwargs
+
+
+def _offered_name(parameter: str, offered: dict) -> str | None:
+    """Which offered argument fills `parameter`: its own name, or for mlx-lm-lora's ``types`` the
+    ``type`` column (mlx-lm-lora reads its datasets' "type" field into ``types``)."""
+    if parameter in offered:
+        return parameter
+    if parameter == "types" and "type" in offered:
+        return "type"
+    return None
+
+
+def _takes_prompts_and_completions_by_position(parameters, offered) -> bool:
+    """macft called ``f(prompts, completions, **columns)`` positionally before it called by keyword
+    as TRL does: a function written then with other names for those two (``lambda p, c, **kw:``)
+    still gets them by position. Only with two such parameters: ``f(texts, **kw)`` is not guessed at."""
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = {p.name for p in parameters}
+    return (len(positional) >= 2 and not {"prompts", "completions"} & names
+            and all(p.default is p.empty and _offered_name(p.name, offered) is None for p in positional[:2]))
+
+
+def _cannot_give(function: RewardFunction, parameter: str, offered: dict) -> str:
+    columns = [k for k in offered if k not in ("prompts", "completions", "completion_ids", "trainer_state",
+                                               "log_extra", "log_metric")]
+    standard = [k for k in offered if k not in columns]
+    hint = " (mlx-lm-lora's `types` is the `type` column)" if parameter == "types" else ""
+    return (f"reward function {function.name!r} ({_defined_at(function)}) needs the argument {parameter!r}, which "
+            f"nothing gives: no dataset column is named {parameter!r}{hint} (the columns are: "
+            f"{', '.join(columns) or 'none but the prompt'}; every reward function may also take "
+            f"{', '.join(standard)}). Rename the parameter after a column, give it a default, or add the column")
+
+
+def _defined_at(function: RewardFunction) -> str:
+    code = function.code
+    return f"defined at {code.co_filename}:{code.co_firstlineno}" if code else "it has no source file"
+
+
+def _awaited(values):
+    """The result of an async reward function (TRL takes those: an LLM judge, say), run to its end;
+    anything else as it is."""
+    if not inspect.isawaitable(values):
+        return values
+
+    async def result():
+        return await values
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(result())
+    # A loop already runs in this thread (a notebook): asyncio.run would refuse, so run it on another.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, result()).result()
 
 
 def _as_number(value) -> float | None:

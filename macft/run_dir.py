@@ -342,14 +342,39 @@ def _jsonable(value):
     return value
 
 
-def learning_rate_at(step: int, *, peak: float, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """The learning rate for optimizer step ``step`` (0-based), as HF's schedulers define it."""
+def learning_rate_at(step: int, *, peak: float, total_steps: int, warmup_steps: int, schedule: str,
+                     options: dict | None = None) -> float:
+    """The learning rate for optimizer step ``step`` (0-based), as HF's schedulers define it after
+    the warmup (``options``: their ``lr_scheduler_kwargs``: num_cycles, power, lr_end, min_lr,
+    min_lr_rate, timescale).
+
+    Warmup rises linearly to ``peak`` over ``warmup_steps``, for every schedule ("constant" too,
+    as in mlx-lm-lora; HF's "constant" has none)."""
+    options = options or {}
     if warmup_steps and step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if schedule in ("constant", "constant_with_warmup"):
         return peak
+    if schedule == "inverse_sqrt":
+        timescale = options.get("timescale") or warmup_steps or 10_000
+        return peak / math.sqrt((step + timescale - warmup_steps) / timescale)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
-    if schedule == "cosine":
-        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule in ("cosine", "cosine_with_min_lr"):
+        cycles = options.get("num_cycles", 0.5)
+        factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2.0 * cycles * progress)))
+        if schedule == "cosine":
+            return peak * factor
+        floor = options["min_lr"] if options.get("min_lr") is not None else peak * options.get("min_lr_rate", 0.0)
+        return floor + (peak - floor) * factor
+    if schedule == "cosine_with_restarts":
+        if progress >= 1.0:
+            return 0.0
+        cycles = options.get("num_cycles", 1)
+        return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0))))
+    if schedule == "polynomial":
+        end, power = options.get("lr_end", 1e-7), options.get("power", 1.0)
+        if progress >= 1.0:
+            return end
+        return (peak - end) * (1.0 - progress) ** power + end
     return peak * (1.0 - progress)

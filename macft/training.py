@@ -28,6 +28,7 @@ It imports neither mlx nor torch.
 """
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -45,6 +46,8 @@ import numpy as np
 
 from macft.atomic import atomic_write_json
 from macft.config import TrainingConfig
+from macft.trainer_arguments import (TrainerState, adapter_summary, load_model_for_trainer, resolve_trainer_arguments,
+                                     train_output)
 from macft.errors import TrainingError, TrainingInterrupted
 from macft.run_dir import RunDirectory, file_sha256, format_bytes, learning_rate_at, model_files_facts
 
@@ -55,7 +58,9 @@ TRAINER_STATE = "trainer_state.json"
 _RESUME_FREE_FIELDS = {"output_dir", "overwrite_output_dir", "max_steps", "num_train_epochs", "logging_steps",
                        "eval_steps", "eval_batches", "per_device_eval_batch_size", "save_steps", "save_total_limit",
                        "report_to", "disable_tqdm", "nan_patience", "logging_dir", "dataloader_num_workers",
-                       "use_cpu", "bf16", "fp16", "compile_step"}
+                       "use_cpu", "bf16", "fp16", "compile_step", "eval_strategy", "save_strategy",
+                       "logging_first_step", "gradient_checkpointing", "dataset_num_proc", "remove_unused_columns",
+                       "eval_on_start"}
 # Fields that fix the data position and the random streams: a resume that changes them cannot
 # continue the same run.
 _RESUME_FIXED_FIELDS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
@@ -78,18 +83,27 @@ class TrainingLoop:
     metric_curves = (("loss", "eval_loss"), ("learning_rate",), ("grad_norm",))
 
     def __init__(self, model, processing_class=None, args: TrainingConfig | None = None,
-                 train_dataset=None, eval_dataset=None, tokenizer=None):
-        if not hasattr(model, "macft"):
-            raise TypeError("model must come from macft's FastLanguageModel.from_pretrained")
-        self.model = model
-        self.tokenizer = processing_class or tokenizer
+                 train_dataset=None, eval_dataset=None, tokenizer=None, peft_config=None, **trl_arguments):
+        """TRL's trainer arguments, in macft's order (model, processing_class, args, ...) or TRL's
+        (model, args, data_collator, train_dataset, eval_dataset, processing_class). ``model`` is a
+        model from FastLanguageModel, or a hub id / local path that is loaded here (LoRA from
+        ``peft_config``, else full fine-tuning, as TRL does). Trainer keyword arguments that are
+        config settings (older TRL's ``beta=``, ``max_seq_length=``...) go into ``args``; TRL
+        arguments macft has no use for (callbacks, data_collator...) give one warning naming them."""
+        if _is_config(processing_class):
+            # TRL's positional order: the second argument is args.
+            trl_arguments.setdefault("data_collator", args)
+            processing_class, args, tokenizer = tokenizer, processing_class, None
+        self.args = resolve_trainer_arguments(type(self).__name__, args or self.default_config(), trl_arguments)
+        self.model, loaded_tokenizer = load_model_for_trainer(model, self.backend, self.args, peft_config)
+        self.tokenizer = processing_class or tokenizer or loaded_tokenizer
         if self.tokenizer is None:
             raise TypeError("pass the tokenizer as processing_class=")
-        self.args = args or self.default_config()
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
         self.run = RunDirectory(self.args.output_dir)
-        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+        self.state = TrainerState(step=0, epoch=0, batch_in_epoch=0)
+        self.metrics_history: list[dict] = []  # metrics.jsonl's records after train()
         self.resumed_from: Path | None = None
         self.step_metrics: dict = {}
         self.data_files: list = []
@@ -205,11 +219,70 @@ class TrainingLoop:
         per_epoch = math.ceil(self.steps_per_epoch() / self.args.gradient_accumulation_steps)
         return max(1, math.ceil(per_epoch * self.args.num_train_epochs))
 
-    def learning_rate(self, step: int) -> float:
-        total = self.total_steps()
-        warmup = self.args.warmup_steps or int(self.args.warmup_ratio * total)
-        return learning_rate_at(step, peak=self.args.learning_rate, total_steps=total, warmup_steps=warmup,
-                                schedule=self.args.lr_scheduler_type)
+    def warmup_steps(self) -> int:
+        """warmup_steps (a fraction of the total steps when below 1, as in transformers 5), else
+        warmup_ratio of the total steps."""
+        total, warmup = self.total_steps(), self.args.warmup_steps
+        if warmup and warmup < 1:
+            return math.ceil(warmup * total)
+        return int(warmup) or math.ceil(self.args.warmup_ratio * total)
+
+    def learning_rate_at(self, step: int) -> float:
+        """The schedule's learning rate for ``step`` (0-based)."""
+        return learning_rate_at(step, peak=self.args.learning_rate, total_steps=self.total_steps(),
+                                warmup_steps=self.warmup_steps(), schedule=self.args.lr_scheduler_type,
+                                options=self.args.lr_scheduler_kwargs)
+
+    # mlx-tune's trainer attributes.
+    @property
+    def learning_rate(self) -> float:
+        return self.args.learning_rate
+
+    @property
+    def batch_size(self) -> int:
+        return self.args.per_device_train_batch_size
+
+    @property
+    def iters(self) -> int:
+        """The optimizer steps this run trains (max_steps, or the epochs' worth)."""
+        return self.total_steps()
+
+    def interval(self, value) -> int:
+        """A *_steps setting as a step count: below 1 it is a fraction of the total steps; 0 or None: never."""
+        if not value:
+            return 0
+        return max(1, math.ceil(value * self.total_steps())) if value < 1 else int(value)
+
+    def optimizer_steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.steps_per_epoch() / self.args.gradient_accumulation_steps))
+
+    def logs_after(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (1-based) is logged to metrics.jsonl (the last one always is)."""
+        every = max(1, self.interval(self.args.logging_steps))
+        return step % every == 0 or step == self.total_steps() or (step == 1 and self.args.logging_first_step)
+
+    def evaluates_after(self, step: int) -> bool:
+        """eval_strategy: "steps" every eval_steps (default logging_steps), "epoch" at each epoch's
+        end; with "no", an eval_steps that is set still counts (the CLI's --steps-per-eval). The end
+        of training always evaluates, outside this."""
+        a = self.args
+        if step >= self.total_steps():
+            return False
+        if a.eval_strategy == "epoch":
+            return step % self.optimizer_steps_per_epoch() == 0
+        every = self.interval(a.eval_steps if a.eval_steps is not None or a.eval_strategy == "no" else a.logging_steps)
+        return bool(every) and step % every == 0
+
+    def saves_after(self, step: int) -> bool:
+        """save_strategy: "steps" (and "best") every save_steps, "epoch" at each epoch's end, "no" never;
+        the end of training always writes a checkpoint, outside this."""
+        a = self.args
+        if step >= self.total_steps() or a.save_strategy == "no":
+            return False
+        if a.save_strategy == "epoch":
+            return step % self.optimizer_steps_per_epoch() == 0
+        every = self.interval(a.save_steps)
+        return bool(every) and step % every == 0
 
     def train(self, resume_from_checkpoint=None):
         with _one_line_warnings(lambda: getattr(self, "_progress_bar", None)), _quiet_sequence_length_warning():
@@ -233,11 +306,15 @@ class TrainingLoop:
         else:
             self._disk_write(self.run.metrics_path, lambda: self.run.metrics_path.unlink(missing_ok=True))
         self._disk_write(self.run.path / "run.json", self.write_run_json)
+        print(format_settings(type(self).__name__, self.resolved_settings()), flush=True)
+        if self.args.eval_on_start and self.state["step"] == 0:
+            self.evaluate_and_log()  # the loss before training (mlx-lm-lora's first report)
 
         total = self.total_steps()
         batches = self._step_batches()
+        started_at, first_step, losses = time.perf_counter(), self.state["step"], []
         bar = tqdm(total=total, initial=self.state["step"], desc=type(self).__name__, unit="step",
-                   disable=self.args.disable_tqdm, dynamic_ncols=True)
+                   disable=bool(self.args.disable_tqdm), dynamic_ncols=True)
         self._progress_bar = bar
         self.reset_peak_memory()
         stop = _StopRequest(bar, self.run.latest_checkpoint, lambda: self.state["step"])
@@ -254,8 +331,9 @@ class TrainingLoop:
                 loss, metrics, grad_norm = self.compute_gradients(micro)
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
                 if finite:
-                    self.apply_gradients(self.learning_rate(step))
+                    self.apply_gradients(self.learning_rate_at(step))
                     nonfinite = []
+                    losses.append(loss)
                 else:
                     self.discard_gradients()
                     nonfinite.append(step + 1)
@@ -266,7 +344,7 @@ class TrainingLoop:
                     record["skipped"] = True
                     self._warn(f"step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}; skipped the "
                                f"step ({len(nonfinite)} of nan_patience={self.args.nan_patience} in a row)")
-                if not finite or (step + 1) % max(1, self.args.logging_steps) == 0 or step + 1 == total:
+                if not finite or self.logs_after(step + 1):
                     self._disk_write(self.run.metrics_path, lambda: self.run.log(record))
                 if len(nonfinite) >= self.args.nan_patience:
                     self._stop_after_nonfinite(nonfinite)
@@ -274,9 +352,9 @@ class TrainingLoop:
                 bar.update(1)
                 if stop.signum is not None:
                     raise self._interrupted(stop.signum)
-                if self.args.eval_steps and (step + 1) % self.args.eval_steps == 0 and step + 1 < total:
+                if self.evaluates_after(step + 1):
                     self.evaluate_and_log()
-                if self.args.save_steps and (step + 1) % self.args.save_steps == 0 and step + 1 < total:
+                if self.saves_after(step + 1):
                     self.save_checkpoint()
         finally:
             stop.restore()
@@ -288,7 +366,39 @@ class TrainingLoop:
         self._disk_write(self.args.output_dir, lambda: self.save_model(self.args.output_dir))
         self._disk_write(self.run.path / "plots.png", lambda: self.run.plot(list(self.metric_curves)))
         self.set_training_mode(False)
-        return self.run.read_metrics()
+        return self._train_output(time.perf_counter() - started_at, self.state["step"] - first_step, losses)
+
+    def _train_output(self, seconds: float, steps: int, losses: list) -> tuple:
+        """transformers' TrainOutput(global_step, training_loss, metrics) of this train() call; the
+        logged records are ``self.metrics_history`` and, with the summary after them,
+        ``self.state.log_history`` (where TRL scripts read them)."""
+        epoch = self.state["epoch"] + self.state["batch_in_epoch"] / max(1, self.steps_per_epoch())
+        samples = steps * self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        training_loss = sum(losses) / len(losses) if losses else float("nan")
+        metrics = {"train_runtime": round(seconds, 4),
+                   "train_samples_per_second": round(samples / seconds, 3) if seconds > 0 else 0.0,
+                   "train_steps_per_second": round(steps / seconds, 3) if seconds > 0 else 0.0,
+                   "total_flos": 0.0, "train_loss": training_loss, "epoch": round(epoch, 4)}
+        self.metrics_history = self.run.read_metrics()
+        self.state.epoch = epoch
+        self.state.log_history = [*self.metrics_history, {**metrics, "step": self.state["step"]}]
+        return train_output(self.state["step"], training_loss, metrics)
+
+    def resolved_settings(self) -> dict:
+        """What this run trains with, resolved (printed at the start, and in run.json)."""
+        a = self.args
+        total = self.total_steps()
+        settings = {"algorithm": type(self).__name__, "learning_rate": a.learning_rate,
+                    "lr_scheduler_type": a.lr_scheduler_type, "warmup_steps": self.warmup_steps(),
+                    "per_device_train_batch_size": a.per_device_train_batch_size,
+                    "gradient_accumulation_steps": a.gradient_accumulation_steps, "total_steps": total,
+                    "epochs": round(total / self.optimizer_steps_per_epoch(), 4), "seed": a.seed,
+                    "optim": a.optim}
+        if hasattr(a, "max_length"):  # the length the data was cut to (SFT: the model's max_seq_length bounds it)
+            settings["max_length"] = getattr(self, "max_length", a.max_length)
+        settings["adapter"] = adapter_summary(self.model)
+        settings.update({name: getattr(a, name) for name in type(a).summary_fields if name not in settings})
+        return settings
 
     def _start_clean(self):
         """A new run (not a resume) in a directory that holds an earlier one: refuse, unless
@@ -317,7 +427,7 @@ class TrainingLoop:
         tokens = sum(self.batch_tokens(b) for b in micro)
         record = {"step": step + 1, "epoch": round(self.state["epoch"] + self.state["batch_in_epoch"]
                                                    / max(1, self.steps_per_epoch()), 4),
-                  "loss": loss, "learning_rate": self.learning_rate(step), "grad_norm": grad_norm,
+                  "loss": loss, "learning_rate": self.learning_rate_at(step), "grad_norm": grad_norm,
                   "tokens": tokens, "tokens_per_sec": tokens / elapsed if elapsed > 0 else 0.0,
                   "step_time_s": elapsed, "peak_memory_gb": self.peak_memory_gb(), **metrics, **self.step_metrics}
         self.step_metrics = {}
@@ -457,7 +567,7 @@ class TrainingLoop:
         self.check_resume_state(state, checkpoint)
         self.load_model_weights(checkpoint / "adapter")
         self.load_optimizer_state(checkpoint)
-        self.state = {k: state[k] for k in ("step", "epoch", "batch_in_epoch")}
+        self.state = TrainerState({k: state[k] for k in ("step", "epoch", "batch_in_epoch")})
         self.resumed_from = checkpoint
         self._disk_write(self.run.metrics_path, lambda: self.run.truncate_metrics_after(self.state["step"]))
 
@@ -500,14 +610,16 @@ class TrainingLoop:
         """sha256 of each training data file, or of the rows when the data came as a Python list."""
         if not hasattr(self, "_data_hash_cache"):
             hashes = {str(p): file_sha256(p) for p in self.data_files if p and Path(p).is_file()}
-            for name, rows in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            sources = (("train_dataset", getattr(self, "train_source", self.train_dataset)),
+                       ("eval_dataset", getattr(self, "eval_source", self.eval_dataset)))
+            for name, rows in sources:
                 if isinstance(rows, list):
                     hashes[f"{name} ({len(rows)} rows in memory)"] = _rows_sha256(rows)
             self._data_hash_cache = hashes
         return self._data_hash_cache
 
     def write_run_json(self):
-        extra = {"data": self._data_hashes(), "trainer": type(self).__name__,
+        extra = {"data": self._data_hashes(), "trainer": type(self).__name__, "settings": self.resolved_settings(),
                  "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                  "resumed_at_step": self.state["step"] if self.resumed_from else None}
         previous = self.run.path / "run.json"
@@ -530,6 +642,29 @@ class TrainingLoop:
 
 class TrainingWarning(UserWarning):
     """Something in a run that the user should know about but that does not stop it."""
+
+
+def _is_config(value) -> bool:
+    """A macft config, or a TRL / transformers config object (they all have these two fields)."""
+    return isinstance(value, TrainingConfig) or (dataclasses.is_dataclass(value) and not isinstance(value, type)
+                                                 and hasattr(value, "learning_rate") and hasattr(value, "output_dir"))
+
+
+def format_settings(name: str, settings: dict) -> str:
+    """The compact block printed when training starts."""
+    adapter = settings.get("adapter") or "-"
+    lines = [f"{name}: lr {settings['learning_rate']:g} {settings['lr_scheduler_type']} (warmup "
+             f"{settings['warmup_steps']} steps, {settings['optim']}) | batch {settings['per_device_train_batch_size']} x "
+             f"{settings['gradient_accumulation_steps']} accumulation | {settings['total_steps']} steps "
+             f"({settings['epochs']:g} epochs) | seed {settings['seed']}"
+             + (f" | max_length {settings['max_length']}" if "max_length" in settings else ""),
+             f"  adapter: {adapter}"]
+    known = {"algorithm", "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
+             "gradient_accumulation_steps", "total_steps", "epochs", "seed", "max_length", "adapter", "optim"}
+    algorithm = [f"{k}={v}" for k, v in settings.items() if k not in known]
+    if algorithm:
+        lines.append("  " + ", ".join(algorithm))
+    return "\n".join(lines)
 
 
 def adapter_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:

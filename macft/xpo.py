@@ -11,13 +11,12 @@ from macft.online_dpo import ONLINE_FLAGS, train_online
 HELP = ("XPO: Online DPO where one answer comes from the model and one from the reference, plus an "
         "exploration bonus (--alpha).")
 
-FLAGS = (*ONLINE_FLAGS, Flag("alpha", ("--alpha",), float, None,
-                             "Weight of the exploration term: alpha * log-prob of the reference's answer "
-                             "(default: 1e-5)."))
+FLAGS = (*ONLINE_FLAGS, Flag("alpha", ("--alpha",), float, 1e-5,
+                             "Weight of the exploration term: alpha * log-prob of the reference's answer."))
 
 
 def run(values: dict):
-    train_online(values, "xpo")
+    return train_online(values, "xpo")
 
 
 if __name__ == "__main__":

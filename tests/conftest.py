@@ -31,6 +31,24 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "chat_template.jinja", "generation_config.json")
 
 
+_DEFAULT_BLAS_THREADS = None
+
+
+@pytest.fixture(autouse=True)
+def blas_threads_for_the_backend(request):
+    """One OpenBLAS thread while a bridge (torch) test runs, as cuda_bridge asks for in a torch-only
+    process (macft.openblas: OpenBLAS's threads and torch's contend, ~50x slower attention); the
+    default for everything else, where MLX's matmuls use every core."""
+    global _DEFAULT_BLAS_THREADS
+    from macft.openblas import set_openblas_threads
+
+    torch_test = "cuda_bridge" in request.node.nodeid or "torch" in request.node.nodeid
+    previous = set_openblas_threads(1 if torch_test else (_DEFAULT_BLAS_THREADS or os.cpu_count()))
+    if _DEFAULT_BLAS_THREADS is None:
+        _DEFAULT_BLAS_THREADS = previous
+    yield
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf_dir():
     """SmolLM2-135M-Instruct as an HF directory (float32), materialized from the embedded GGUF."""

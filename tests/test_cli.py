@@ -39,7 +39,7 @@ def test_sft_cli_trains_and_yaml_is_overridden_by_flags(tiny_model_dir, chat_dir
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(m["step"] for m in metrics) == 3  # the flag won over the YAML's 5
-    assert [m["step"] for m in metrics if "eval_loss" in m] == [2, 3]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 2, 3]  # before the first step too, as mlx-lm-lora
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["lora_parameters"]["rank"] == 4 and adapter_config["lora_alpha"] == 8
     run = json.loads((out / "run.json").read_text())
@@ -113,11 +113,12 @@ def test_bad_input_gives_one_clear_line(tiny_model_dir, tmp_path, case):
 
 def test_main_accepts_bare_resume(tiny_model_dir, chat_dir, tmp_path):
     out = tmp_path / "run"
+    # --steps-per-report 1: a loss on every step (the default, mlx-lm-lora's, reports every 10th).
     assert invoke("sft", "--model", tiny_model_dir("llama"), "--data", chat_dir, "--iters", 2, "--save-every", 1,
-                  "--adapter-path", out).exit_code == 0
+                  "--steps-per-report", 1, "--adapter-path", out).exit_code == 0
     with pytest.raises(SystemExit) as done:
         main(["sft", "--model", str(tiny_model_dir("llama")), "--data", str(chat_dir), "--iters", "3",
-              "--adapter-path", str(out), "--resume"])
+              "--steps-per-report", "1", "--adapter-path", str(out), "--resume"])
     assert done.value.code in (0, None)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]

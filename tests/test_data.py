@@ -110,49 +110,51 @@ def test_prompt_completion_masks_the_prompt_and_appends_eos(tok):
     assert stats["num_target_tokens"] == len(encode(tok, " 12")) + 1
 
 
-def test_messages_single_turn_masks_assistant_text_and_end_of_turn_only(tok):
+def test_messages_single_turn_masks_the_assistant_turn_after_its_header(tok):
     messages = CHAT[:2]
     (example,), _ = tokenize_sft([{"messages": messages}], tok, 256)
     rendered = tok.apply_chat_template(messages, tokenize=False)
     assert example.input_ids == encode(tok, rendered)  # no BOS beyond what the template writes
-    assert targets(tok, example) == "Paris.<|im_end|>"
+    # The turn as the template writes it after the generation prompt, newline after <|im_end|>
+    # included: what TRL trains on for the same turn given as a completion.
+    assert targets(tok, example) == "Paris.<|im_end|>\n"
     first = example.loss_mask.index(1)
     assert tok.decode(example.input_ids[:first]).endswith("<|im_start|>assistant\n")
-    assert tok.decode(example.input_ids[first + sum(example.loss_mask):]) == "\n"  # newline after <|im_end|>
+    assert first + sum(example.loss_mask) == len(example.input_ids)
 
 
 def test_messages_multi_turn_masks_every_assistant_turn(tok):
     (example,), stats = tokenize_sft([{"messages": CHAT}], tok, 256)
-    assert target_runs(tok, example) == ["Paris.<|im_end|>", "Rome, of course.<|im_end|>"]
+    assert target_runs(tok, example) == ["Paris.<|im_end|>\n", "Rome, of course.<|im_end|>\n"]
     assert stats["num_target_tokens"] == sum(example.loss_mask) == (
-        len(encode(tok, "Paris.")) + len(encode(tok, "Rome, of course.")) + 2)
+        len(encode(tok, "Paris.")) + len(encode(tok, "Rome, of course.")) + 4)
 
 
 def test_messages_with_system_prompt(tok):
     messages = [{"role": "system", "content": "Answer tersely."}] + CHAT[:2]
     (example,), _ = tokenize_sft([{"messages": messages}], tok, 256)
     assert tok.decode(example.input_ids).startswith("<|im_start|>system\nAnswer tersely.<|im_end|>")
-    assert targets(tok, example) == "Paris.<|im_end|>"
+    assert targets(tok, example) == "Paris.<|im_end|>\n"
 
 
-def test_sharegpt_conversations_are_read_as_messages(tok):
+def test_sharegpt_conversations_are_read_as_messages_with_unsloth_role_names(tok):
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
     (example,), _ = tokenize_sft([row], tok, 256)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     assert example.input_ids == encode(tok, tok.apply_chat_template(messages, tokenize=False))
-    assert targets(tok, example) == "Hello!<|im_end|>"
+    assert targets(tok, example) == "Hello!<|im_end|>\n"
 
 
 def test_conversational_prompt_completion_masks_only_the_completion_turn(tok):
     row = {"prompt": CHAT[:3], "completion": [{"role": "assistant", "content": "Rome."}]}
     (example,), _ = tokenize_sft([row], tok, 256)
-    assert target_runs(tok, example) == ["Rome.<|im_end|>"]  # the few-shot "Paris." is prompt
+    assert target_runs(tok, example) == ["Rome.<|im_end|>\n"]  # the few-shot "Paris." is prompt
 
 
 def test_template_that_rewrites_history_falls_back_to_locating_content(think_tok):
     (example,), _ = tokenize_sft([{"messages": CHAT}], think_tok, 256)
     assert target_runs(think_tok, example) == [
-        "Paris.<|im_end|>", "<think>\n\n</think>\n\nRome, of course.<|im_end|>"]
+        "Paris.<|im_end|>\n", "<think>\n\n</think>\n\nRome, of course.<|im_end|>\n"]
 
 
 def test_train_on_prompt_trains_on_everything_but_the_first_token(tok):
@@ -305,7 +307,7 @@ def test_example_chat_data_trains_only_on_certainly_replies(tok):
         assert stats["num_examples"] == count and stats["num_truncated"] == 0
         for example in examples:
             runs = target_runs(tok, example)
-            assert runs and all(run.startswith("Certainly! ") and run.endswith("<|im_end|>") for run in runs)
+            assert runs and all(run.startswith("Certainly! ") and run.endswith("<|im_end|>\n") for run in runs)
 
 
 def test_example_arith_data_is_correct():
@@ -388,7 +390,7 @@ def test_preference_with_chat_template(tok):
                                      tokenize=False, add_generation_prompt=True)
     assert isinstance(pair, PreferenceExample)
     assert pair.prompt_ids == encode(tok, header) and header.endswith("<|im_start|>assistant\n")
-    assert tok.decode(pair.chosen_ids) == "Yes.<|im_end|>" and tok.decode(pair.rejected_ids) == "No.<|im_end|>"
+    assert tok.decode(pair.chosen_ids) == "Yes.<|im_end|>\n" and tok.decode(pair.rejected_ids) == "No.<|im_end|>\n"
     assert stats == {"num_examples": 1, "num_truncated": 0, "num_dropped": 0,
                      "num_tokens": len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)}
 
@@ -398,7 +400,7 @@ def test_preference_with_message_lists(tok):
            "rejected": [{"role": "assistant", "content": "Madrid."}]}
     (pair,), _ = tokenize_preference([row], tok, 256)
     assert tok.decode(pair.prompt_ids) == tok.apply_chat_template(CHAT[:3], tokenize=False, add_generation_prompt=True)
-    assert tok.decode(pair.chosen_ids) == "Rome.<|im_end|>" and tok.decode(pair.rejected_ids) == "Madrid.<|im_end|>"
+    assert tok.decode(pair.chosen_ids) == "Rome.<|im_end|>\n" and tok.decode(pair.rejected_ids) == "Madrid.<|im_end|>\n"
 
 
 def test_preference_without_chat_template(plain_tok):
@@ -408,15 +410,19 @@ def test_preference_without_chat_template(plain_tok):
     assert pair.rejected_ids == encode(plain_tok, " green") + [plain_tok.eos_token_id]
 
 
+def chat_pair(prompt, chosen, rejected):
+    return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
 def test_preference_truncation_and_drops(tok):
-    rows = [{"prompt": "word " * 40, "chosen": "a long chosen answer " * 5, "rejected": "no"},
-            {"prompt": "hi", "chosen": "yes", "rejected": "no"}]
+    rows = [chat_pair("word " * 40, "a long chosen answer " * 5, "no"), chat_pair("hi", "yes", "no")]
     with pytest.warns(UserWarning, match="1 of 2 preference pairs were truncated"):
         pairs, stats = tokenize_preference(rows, tok, 60, max_prompt_length=50)
     long_pair = pairs[0]
     assert len(long_pair.prompt_ids) == 50
     assert tok.decode(long_pair.prompt_ids).endswith("<|im_end|>\n<|im_start|>assistant\n")  # tail kept
-    assert len(long_pair.chosen_ids) == 10 and tok.decode(long_pair.rejected_ids) == "no<|im_end|>"
+    assert len(long_pair.chosen_ids) == 10 and tok.decode(long_pair.rejected_ids) == "no<|im_end|>\n"
     assert stats["num_truncated"] == 1 and stats["num_dropped"] == 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -433,14 +439,13 @@ def test_preference_missing_key(tmp_path, tok):
 
 # ------------------------------------------------------------------------------- prompts
 
-def test_prompts_use_the_chat_template_and_keep_other_columns(tok):
+def test_prompts_strings_as_written_lists_with_the_chat_template_and_other_columns_kept(tok):
     rows = [{"prompt": "What is 7 + 5? Answer with just the number.", "answer": "12"},
             {"prompt": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}], "answer": "4", "id": 7}]
     (first, second), stats = tokenize_prompts(rows, tok)
-    expected = tok.apply_chat_template([{"role": "user", "content": rows[0]["prompt"]}], tokenize=False,
-                                       add_generation_prompt=True)
     assert isinstance(first, PromptExample)
-    assert first.prompt_text == expected and first.prompt_ids == encode(tok, expected)
+    # TRL's GRPOTrainer: a string prompt is tokenized as written, with no chat template.
+    assert first.prompt_text == rows[0]["prompt"] and first.prompt_ids == encode(tok, rows[0]["prompt"])
     assert first.columns == {"answer": "12"} and first.prompt == rows[0]["prompt"]
     assert second.prompt_text == tok.apply_chat_template(rows[1]["prompt"], tokenize=False, add_generation_prompt=True)
     assert second.columns == {"answer": "4", "id": 7} and second.prompt == rows[1]["prompt"]
@@ -452,7 +457,8 @@ def test_prompts_without_template_and_truncation(plain_tok, tok):
     (example,), _ = tokenize_prompts([{"prompt": "2 + 2 =", "answer": "4"}], plain_tok)
     assert example.prompt_ids == encode(plain_tok, "2 + 2 =") and example.prompt_text == "2 + 2 ="
     with pytest.warns(UserWarning, match="1 of 1 prompts were longer than max_prompt_length=4"):
-        (example,), stats = tokenize_prompts([{"prompt": "a long question here"}], tok, max_prompt_length=4)
+        (example,), stats = tokenize_prompts([{"prompt": [{"role": "user", "content": "a long question"}]}], tok,
+                                             max_prompt_length=4)
     assert len(example.prompt_ids) == 4 and example.prompt_text.endswith("<|im_start|>assistant\n")
     assert stats["num_truncated"] == 1
 
@@ -468,7 +474,7 @@ def test_arith_example_prompts(tok):
     rows = load_rows(EXAMPLES / "arith", "valid")
     examples, stats = tokenize_prompts(rows, tok)
     assert stats["num_examples"] == 20
-    assert all(set(e.columns) == {"answer"} and e.prompt_text.endswith("<|im_start|>assistant\n") for e in examples)
+    assert all(set(e.columns) == {"answer"} and e.prompt_text == e.prompt for e in examples)
 
 
 # ------------------------------------------------------------------------------- tokenizer kinds
@@ -521,4 +527,6 @@ def test_bos_comes_from_the_tokenizer_for_plain_text_and_from_the_template_for_c
     assert completion.input_ids[0] == 0 and targets(bos_tok, completion) == " A<|im_end|>"
     assert chat.input_ids == encode(bos_tok, bos_tok.apply_chat_template(CHAT[:2], tokenize=False))  # no BOS added
     (prompt,), _ = tokenize_prompts([{"prompt": "hi"}], bos_tok)
+    assert prompt.prompt_ids == [0] + encode(bos_tok, "hi")  # a string prompt: tokenizer(prompt), as TRL
+    (prompt,), _ = tokenize_prompts([{"prompt": CHAT[:1]}], bos_tok)
     assert prompt.prompt_ids[0] != 0

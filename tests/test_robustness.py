@@ -30,7 +30,10 @@ PROMPTS = [{"prompt": f"Count to {i}:", "answer": str(i)} for i in range(8)]
 REWARD_FILE = '''
 def length_reward(prompts, completions, **columns):
     """Prefers completions whose length is a multiple of 3 (deterministic, and it varies)."""
-    return [1.0 if len(c) % 3 == 0 else 0.0 for c in completions]
+    # The command line reads string prompts as chat turns (mlx-lm-lora's reading), so completions come
+    # as TRL's conversational ones: [{"role": "assistant", "content": text}].
+    texts = [c if isinstance(c, str) else "".join(m["content"] for m in c) for c in completions]
+    return [1.0 if len(t) % 3 == 0 else 0.0 for t in texts]
 '''
 # The bridge runs its plain-torch ops here: under Triton's CPU interpreter (which the test session
 # turns on for the kernel tests) a training run would take minutes; the kernels have their own tests.
@@ -149,7 +152,8 @@ def sft_setup(tiny_model_dir, tmp_path_factory):
     write_jsonl(base / "valid.jsonl", ROWS[:4])
     args = ["--model", str(tiny_model_dir("llama")), "--data", str(base), "--iters", "6", "--batch-size", "2",
             "--lora-rank", "4", "--save-every", "1", "--keep-checkpoints", "2", "--learning-rate", "1e-2",
-            "--steps-per-eval", "3", "--val-batches", "1", "--seed", "11", "--max-seq-length", "48"]
+            "--steps-per-eval", "3", "--val-batches", "1", "--seed", "11", "--max-seq-length", "48",
+            "--steps-per-report", "1"]  # every step's loss in metrics.jsonl (the default logs every 10th)
     reference = base / "uninterrupted"
     cli_in_process(["sft", *args, "--adapter-path", str(reference)])
     assert data.exists()
@@ -176,7 +180,7 @@ def test_sigkill_then_resume_repeats_the_grpo_curve(tiny_model_dir, tmp_path):
     args = ["--model", str(tiny_model_dir("llama")), "--data", str(data), "--reward-fn", str(reward), "--iters", "5",
             "--batch-size", "2", "--group-size", "2", "--max-completion-length", "4", "--temperature", "1.0",
             "--lora-rank", "4", "--learning-rate", "5e-2", "--save-every", "1", "--steps-per-eval", "0",
-            "--seed", "5"]
+            "--seed", "5", "--steps-per-report", "1"]  # every step's loss in metrics.jsonl
     reference = tmp_path / "uninterrupted"
     cli_in_process(["grpo", *args, "--adapter-path", str(reference)])
     rewards = [r for _, _, r in losses(reference, ("reward_mean",))]
@@ -216,7 +220,7 @@ def tiny_trainer(tiny_model_dir, out: Path, trainer_class=None, **config):
 
     model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
     FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
-    settings = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
+    settings = dict(logging_steps=1, seed=3407, output_dir=str(out), max_steps=6, per_device_train_batch_size=2, learning_rate=1e-2,
                     lr_scheduler_type="constant", disable_tqdm=True, eval_batches=0, save_steps=1,
                     save_total_limit=20, max_length=48)
     settings.update(config)
@@ -249,7 +253,8 @@ def test_a_nan_step_is_skipped_with_a_warning(tiny_model_dir, tmp_path):
 
     trainer = tiny_trainer(tiny_model_dir, tmp_path / "run", nan_trainer_class({3}), nan_patience=2)
     with pytest.warns(TrainingWarning, match=r"step 3: the loss is nan .* skipped the step \(1 of nan_patience=2"):
-        records = trainer.train()
+        trainer.train()
+        records = trainer.metrics_history
     steps = {r["step"]: r for r in records if "loss" in r}
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
     assert steps[3]["skipped"] is True and steps[3]["loss"] == "nan"
@@ -282,7 +287,8 @@ def test_nan_patience_in_a_row_stops_and_keeps_the_good_state(tiny_model_dir, tm
     assert mx.isfinite(logits).all().item()
     # ... and the run resumes from the one the message names, past the bad batches.
     resumed = tiny_trainer(tiny_model_dir, run, max_steps=8)
-    records = resumed.train(resume_from_checkpoint=run)
+    resumed.train(resume_from_checkpoint=run)
+    records = resumed.metrics_history
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r and r["step"] > 6)
 

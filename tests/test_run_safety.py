@@ -16,6 +16,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -48,6 +49,14 @@ def error_line(result) -> str:
     return lines[0]
 
 
+def error_line_after_data_lines(result, data: Path) -> str:
+    """error_line for a run that fails after its data loaded: the one line per split macft prints on
+    stderr once it has read ``data`` ("<file>: N rows, format ...") may come before the error."""
+    kept = "".join(line for line in result.output.splitlines(keepends=True)
+                   if not (line.startswith(f"{data}: ") and " rows, format " in line))
+    return error_line(SimpleNamespace(exit_code=result.exit_code, output=kept))
+
+
 def snapshot(directory: Path) -> dict:
     """Every file under ``directory`` with its sha256: what a refusal must leave as it was."""
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -74,9 +83,11 @@ def common(tiny_model_dir, data_dir):
 
 @pytest.fixture(scope="module")
 def finished_run(common, tmp_path_factory):
-    """A finished 3-step run with a checkpoint every step (two kept) and evaluations at 2 and 3."""
+    """A finished 3-step run with a checkpoint every step (two kept), a loss logged every step and
+    evaluations before the first step (mlx-lm-lora's), at 2 and 3."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    result = invoke("sft", *common, "--iters", 3, "--save-every", 1, "--steps-per-eval", 2, "--adapter-path", run)
+    result = invoke("sft", *common, "--iters", 3, "--save-every", 1, "--steps-per-eval", 2, "--steps-per-report", 1,
+                    "--adapter-path", run)
     assert result.exit_code == 0, result.output
     return run
 
@@ -108,7 +119,8 @@ def test_overwrite_replaces_the_previous_run_entirely(previous_run, common):
     result = invoke("sft", *common, "--iters", 1, "--save-every", 1, "--adapter-path", previous_run, "--overwrite")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (previous_run / "checkpoints").iterdir()) == ["step_1"]
-    assert [m["step"] for m in metrics(previous_run)] == [1, 1]  # the step, the final evaluation
+    # the evaluation before the first step (mlx-lm-lora's), the step, the final evaluation
+    assert [m["step"] for m in metrics(previous_run)] == [0, 1, 1]
     run = json.loads((previous_run / "run.json").read_text())
     assert run["config"]["max_steps"] == 1 and "history" not in run and run["resumed_from"] is None
     assert not (previous_run / "report.html").exists()
@@ -137,7 +149,7 @@ def sft_trainer(tiny_model_dir, out: Path, r: int = 4, trainer_class=None, **con
 
     model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
     FastLanguageModel.get_peft_model(model, r=r, lora_alpha=8, random_state=0)
-    settings = dict(output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+    settings = dict(logging_steps=1, output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                     disable_tqdm=True, eval_batches=0, save_steps=1, max_length=48)
     settings.update(config)
     return (trainer_class or SFTTrainer)(model=model, processing_class=tokenizer, args=SFTConfig(**settings),
@@ -153,20 +165,26 @@ def test_python_api_refuses_a_previous_run_unless_overwrite_output_dir(tiny_mode
     assert f"resume_from_checkpoint={str(previous_run)!r}" in message and "overwrite_output_dir=True" in message
     assert snapshot(previous_run) == before
 
-    records = sft_trainer(tiny_model_dir, previous_run, overwrite_output_dir=True).train()
+    trainer = sft_trainer(tiny_model_dir, previous_run, overwrite_output_dir=True)
+    trainer.train()
+    records = trainer.metrics_history
     assert [r["step"] for r in records] == [1, 2]
     assert sorted(p.name for p in (previous_run / "checkpoints").iterdir()) == ["step_1", "step_2"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert [r["step"] for r in sft_trainer(tiny_model_dir, empty, max_steps=1).train()] == [1]
+    one_step = sft_trainer(tiny_model_dir, empty, max_steps=1)
+    one_step.train()
+    assert [r["step"] for r in one_step.metrics_history] == [1]
 
 
 # ----------------------------------------------------------------------------- 2. resume keeps the adapter
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--lora-rank", 8], "--lora-rank is 8 here but 4 in the checkpoint"),
-    (["--lora-alpha", 32], "--lora-alpha is 32 here but 16 in the checkpoint"),
+    # alpha follows --lora-scale (10) x rank: another rank is another alpha too
+    (["--lora-rank", 8], "--lora-rank is 8 here but 4 in the checkpoint, --lora-alpha is 80 here but 40 in the "
+                         "checkpoint"),
+    (["--lora-alpha", 32], "--lora-alpha is 32 here but 40 in the checkpoint"),
     (["--target-modules", "q_proj,v_proj"],
      "--target-modules is q_proj,v_proj here but down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj in the "
      "checkpoint"),
@@ -220,25 +238,27 @@ def test_bad_flag_values_are_one_line_naming_the_flag(tmp_path, flags, expected)
     assert not (tmp_path / "run").exists()
 
 
+# The message names the YAML line of a top-level key ("c.yaml:1:"); a lora_parameters entry is
+# named by its flag's key, without a line.
 @pytest.mark.parametrize("yaml_text, expected", [
-    ("learning_rate: true\n", "learning_rate must be a number, got True"),
-    ("iters: true\n", "iters must be a number, got True"),
-    ("iters: 0\n", "iters 0: must be >= 1"),
-    ("learning_rate: .nan\n", "learning_rate nan: must be a finite number"),
-    ("lora_parameters:\n  rank: 0\n", "lora_rank 0: must be >= 1"),
+    ("learning_rate: true\n", ":1: learning_rate must be a number, got True"),
+    ("iters: true\n", ":1: iters must be a number, got True"),
+    ("iters: 0\n", ":1: iters 0: must be >= 1"),
+    ("learning_rate: .nan\n", ":1: learning_rate nan: must be a finite number"),
+    ("lora_parameters:\n  rank: 0\n", ": lora_rank 0: must be >= 1"),
 ])
 def test_bad_yaml_values_are_one_line_naming_the_key(tmp_path, yaml_text, expected):
     config = tmp_path / "c.yaml"
     config.write_text(yaml_text)
     line = error_line(invoke("sft", "-c", config, "--adapter-path", tmp_path / "run"))
-    assert line == f"error: --config {config}: {expected}"
+    assert line == f"error: --config {config}{expected}"
 
 
 def test_python_api_keeps_max_steps_minus_one_and_checks_its_values():
     from macft import SFTConfig
     from macft.config import ConfigError
 
-    assert SFTConfig(max_steps=-1).max_steps == -1  # TRL's "train num_train_epochs"
+    assert SFTConfig(logging_steps=1, max_steps=-1).max_steps == -1  # TRL's "train num_train_epochs"
     for bad in (dict(learning_rate=float("nan")), dict(num_train_epochs=0), dict(warmup_steps=-1),
                 dict(max_grad_norm=-1.0), dict(save_steps=-1)):
         with pytest.raises(ConfigError, match=next(iter(bad))):
@@ -286,13 +306,13 @@ def test_a_run_failing_before_its_first_step_removes_the_folder_it_created(commo
     # (the trainer made the run directory by then).
     data = write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     args = [a if a != common[3] else data for a in common]
-    line = error_line(invoke("sft", *args, "--adapter-path", tmp_path / "fresh"))
+    line = error_line_after_data_lines(invoke("sft", *args, "--adapter-path", tmp_path / "fresh"), data)
     assert "no sample has a token to train on" in line
     assert not (tmp_path / "fresh").exists()
     existing = tmp_path / "existing"
     existing.mkdir()  # the user's folder stays, empty as it was
-    error_line(invoke("sft", *args, "--adapter-path", existing))
-    assert existing.is_dir()
+    error_line_after_data_lines(invoke("sft", *args, "--adapter-path", existing), data)
+    assert existing.is_dir() and not any(existing.iterdir())
 
 
 # ----------------------------------------------------------------------------- 7. the second Ctrl-C
@@ -339,7 +359,7 @@ def test_help_shows_every_flag_whole_with_its_default_at_80_columns():
     assert result.exit_code == 0, result.output
     assert "--gradient-accumulation-steps <int>" in result.output
     assert all(len(line) <= 80 for line in result.output.splitlines())
-    assert "Peak learning rate. [default: 0.0001]" in " ".join(result.output.split())
+    assert "Peak learning rate. [default: 1e-05]" in " ".join(result.output.split())  # mlx-lm-lora's
     letters = "".join(result.output.split())  # help wraps at spaces and hyphens
     for flag in COMMON_FLAGS:
         assert all(name in result.output for name in flag.flags), flag.flags
@@ -353,7 +373,7 @@ def test_python_dash_m_help_at_80_columns():
                           env={**os.environ, "COLUMNS": "80"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Usage: python -m macft sft [OPTIONS]")
-    assert "--gradient-accumulation-steps <int>" in proc.stdout and "[default: 0.0001]" in proc.stdout
+    assert "--gradient-accumulation-steps <int>" in proc.stdout and "[default: 1e-05]" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- 9. what a run prints
@@ -423,9 +443,9 @@ def test_summary_shows_a_change_only_between_two_values(capsys):
 
 def test_resuming_a_finished_run_logs_nothing_twice(previous_run, common):
     before = metrics(previous_run)
-    assert [(m["step"], "eval_loss" in m) for m in before] == [(1, False), (2, False), (2, True), (3, False),
-                                                                (3, True)]
-    result = invoke("sft", *common, "--iters", 3, "--save-every", 1, "--steps-per-eval", 2,
+    assert [(m["step"], "eval_loss" in m) for m in before] == [(0, True), (1, False), (2, False), (2, True),
+                                                                (3, False), (3, True)]
+    result = invoke("sft", *common, "--iters", 3, "--save-every", 1, "--steps-per-eval", 2, "--steps-per-report", 1,
                     "--adapter-path", previous_run, "--resume", "latest")
     assert result.exit_code == 0, result.output
     assert metrics(previous_run) == before

@@ -258,7 +258,7 @@ def save_merged(model, tokenizer, directory, save_method: str = "merged_16bit", 
     return directory
 
 
-def save_gguf(model, tokenizer, directory, quantization_method: str = "f16", filename: str | None = None):
+def save_gguf(model, tokenizer, directory, quantization_method: str = "fast_quantized", filename: str | None = None):
     """Merge the adapter and write ``<directory>/<name>-<type>.gguf`` (Unsloth's ``save_pretrained_gguf``)."""
     from convert.gguf_export import save_merged_gguf
 

@@ -16,6 +16,18 @@ def _generate_text(model, tokenizer, prompt, **kwargs):
     return generate_text(model, tokenizer, prompt, **kwargs)
 
 
+def _generate(model, inputs=None, **kwargs):
+    from macft.mlx.generate import hf_generate
+
+    return hf_generate(model, inputs, **kwargs)
+
+
+def _lora_applied(model, adapter_dir):
+    from macft.mlx.generate import lora_applied
+
+    return lora_applied(model, adapter_dir)
+
+
 def _parameter_count(model) -> int:
     from mlx.utils import tree_flatten
 
@@ -27,5 +39,5 @@ class FastLanguageModel(FastLanguageModelBase):
         name="MLX", load_pretrained=core.load_pretrained, add_adapters=core.add_adapters,
         enable_gradient_checkpointing=core.enable_gradient_checkpointing, num_layers=lambda model: len(model.layers),
         save_adapter=core.save_adapter, load_adapter=core.load_adapter, save_merged=core.save_merged,
-        save_gguf=_save_gguf, generate_text=_generate_text,
+        save_gguf=_save_gguf, generate_text=_generate_text, generate=_generate, lora_applied=_lora_applied,
         trainable_parameter_count=core.trainable_parameter_count, parameter_count=_parameter_count)

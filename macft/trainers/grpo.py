@@ -47,8 +47,10 @@ from algorithms.dapo import groups_with_mixed_rewards, mask_truncated_completion
 from algorithms.grpo import LOSS_TYPES, grpo_advantages, grpo_loss
 from macft.config import ConfigError, GRPOConfig
 from macft.data import DataError, has_split, load_prompt_dataset
-from macft.rewards import RewardError, RewardFunction, load_reward_functions, score_completions
+from macft.rewards import (RewardError, RewardFunction, RewardTrainerState, load_reward_functions,
+                           score_completions)
 from macft.trainers.online import as_completions, columns_of, data_file
+from macft.trainers.sft import data_options
 
 
 class RolloutBatch(NamedTuple):
@@ -107,12 +109,11 @@ class GRPOLogic:
     metric_curves = (("reward_mean", "eval_reward_mean"), ("loss",), ("completion_length",), ("kl", "clip_fraction"))
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, tokenizer=None, **trl_only):
-        unused = sorted(k for k, v in trl_only.items() if v not in (None, (None, None), []))
-        if unused:
-            warnings.warn(f"GRPOTrainer ignores {', '.join(unused)} (TRL-only arguments)", stacklevel=2)
+                 eval_dataset=None, processing_class=None, tokenizer=None, **trl_arguments):
+        # reward_processing_classes, callbacks, optimizers...: TRL arguments macft does not use (one
+        # warning); config settings passed here go into args; peft_config adds LoRA.
         super().__init__(model, processing_class=processing_class, args=args, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, tokenizer=tokenizer)
+                         eval_dataset=eval_dataset, tokenizer=tokenizer, **trl_arguments)
         if reward_funcs is None:
             raise TypeError("GRPOTrainer needs reward_funcs=")
         if train_dataset is None:
@@ -156,14 +157,17 @@ class GRPOLogic:
         data = self.train_dataset
         self.data_files.extend(data_file(data))
         self.examples, self.data_stats = load_prompt_dataset(data, self.tokenizer, split="train",
-                                                             max_prompt_length=a.max_prompt_length)
+                                                             max_prompt_length=a.max_prompt_length,
+                                                             default_system=a.default_system_prompt,
+                                                             **data_options(self.args, self.tokenizer))
         if not self.examples:
             raise DataError("the training data has no prompt")
         eval_source, eval_split = self.eval_dataset, "train"
         if eval_source is None and data_file(data) and has_split(data, "valid"):
             eval_source, eval_split = data, "valid"
         self.eval_examples = [] if eval_source is None else load_prompt_dataset(
-            eval_source, self.tokenizer, split=eval_split, max_prompt_length=a.max_prompt_length)[0]
+            eval_source, self.tokenizer, split=eval_split, max_prompt_length=a.max_prompt_length,
+            default_system=a.default_system_prompt, **data_options(self.args, self.tokenizer))[0]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         eos = getattr(self.tokenizer, "eos_token_id", None)
@@ -275,10 +279,11 @@ class GRPOLogic:
         prompts = [e.prompt for e in examples for _ in range(group)]
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
         columns = columns_of(examples, repeat=group)
-        columns["completion_ids"] = completions  # as TRL passes them
+        state = RewardTrainerState(global_step=self.state["step"], max_steps=self.total_steps(),
+                                   epoch=float(self.state["epoch"]))
         try:
             total, per_function = score_completions(self.reward_functions, prompts, as_completions(prompts, texts),
-                                                    columns)
+                                                    columns, completion_ids=completions, trainer_state=state)
         except RewardError as e:
             latest = self.run.latest_checkpoint()
             kept = (f"the last checkpoint, {latest.relative_to(self.run.path)}, is intact (--resume continues "
@@ -356,8 +361,10 @@ class GRPOLogic:
             rollout = self.sample(self.model, [e.prompt_ids for e in chunk], num_samples=1,
                                   max_tokens=a.max_completion_length, temperature=0.0,
                                   eos_token_ids=self.eos_ids, pad_id=self.pad_id)
+            step = self.state["step"]
+            during = f"evaluation after step {step}" if step else "evaluation before the first step"
             total, per_function = self._score(chunk, rollout.completion_ids, rollout.truncated, group=1,
-                                              during=f"evaluation after step {self.state['step']}")
+                                              during=during)
             totals.extend(total)
             lengths.extend(len(c) for c in rollout.completion_ids)
             for name, values in per_function.items():

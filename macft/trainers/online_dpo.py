@@ -28,6 +28,7 @@ from macft.data import DataError, load_prompt_dataset
 from macft.judges import Pairs, build_judge, finite_or_nan
 from macft.rewards import RewardError
 from macft.trainers.online import columns_of, data_file, eos_token_ids, pack, weighted_average
+from macft.trainers.sft import data_options
 
 
 class OnlineDPOLogic:
@@ -44,8 +45,9 @@ class OnlineDPOLogic:
     win_rate_key = "judge/first_win_rate"  # how often the first completion of a pair is chosen (ties count)
 
     def __init__(self, model, ref_model=None, reward_funcs=None, judge=None, args=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, reward_model=None, tokenizer=None):
-        super().__init__(model, processing_class, args, train_dataset, eval_dataset, tokenizer)
+                 eval_dataset=None, processing_class=None, reward_model=None, tokenizer=None, **trl_arguments):
+        super().__init__(model, processing_class, args, train_dataset, eval_dataset, tokenizer, **trl_arguments)
+        model = self.model  # loaded here when it came as a path
         if ref_model is model:
             raise ValueError("model and ref_model must be different objects; leave ref_model=None to use "
                              "the base with the adapters off (LoRA) or a frozen copy (full fine-tuning)")
@@ -74,7 +76,8 @@ class OnlineDPOLogic:
         if max_prompt < 1:
             raise ConfigError(f"max_seq_length leaves no room for a prompt next to {args.max_new_tokens} new tokens")
         self.data_files.extend(data_file(self.train_dataset))
-        self.examples, self.data_stats = load_prompt_dataset(self.train_dataset, self.tokenizer, "train", max_prompt)
+        self.examples, self.data_stats = load_prompt_dataset(self.train_dataset, self.tokenizer, "train", max_prompt,
+                                                             **data_options(self.args, self.tokenizer))
         if not self.examples:
             raise DataError("the training data has no prompt")
         self.reference = (self.ref_model if self.ref_model is not None

@@ -39,6 +39,7 @@ from macft.config import ConfigError, PPOConfig
 from macft.data import DataError, load_prompt_dataset
 from macft.errors import TrainingError
 from macft.trainers.online import as_completions, columns_of, data_file
+from macft.trainers.sft import data_options
 from macft.trainers.value_head import pad_right
 
 # algorithms.ppo's metric names -> the names in metrics.jsonl.
@@ -97,8 +98,9 @@ class PPOLogic:
 
     def __init__(self, model, processing_class=None, args: PPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, reward_model=None, reward_funcs=None, value_model=None, ref_model=None,
-                 tokenizer=None):
-        super().__init__(model, processing_class, args, train_dataset, eval_dataset, tokenizer)
+                 tokenizer=None, **trl_arguments):
+        super().__init__(model, processing_class, args, train_dataset, eval_dataset, tokenizer, **trl_arguments)
+        model = self.model  # loaded here when it came as a path
         args: PPOConfig = self.args
         if args.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 for PPO (log-probs use logits / temperature), "
@@ -183,7 +185,8 @@ class PPOLogic:
     def _load_prompts(self):
         data = self.train_dataset
         self.data_files.extend(data_file(data))
-        examples, _ = load_prompt_dataset(data, self.tokenizer, "train", max_prompt_length=self.args.max_prompt_length)
+        examples, _ = load_prompt_dataset(data, self.tokenizer, "train", max_prompt_length=self.args.max_prompt_length,
+                                          **data_options(self.args, self.tokenizer))
         return examples
 
     def _eos_token_ids(self) -> list[int]:
@@ -287,12 +290,15 @@ class PPOLogic:
             if self.reward_functions:
                 metrics["reward/reward_model_mean"] = float(model_scores.mean())
         if self.reward_functions:
-            from macft.rewards import score_completions
+            from macft.rewards import RewardTrainerState, score_completions
 
             texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
             prompts = [e.prompt for e in examples]
-            function_total, per_function = score_completions(self.reward_functions, prompts,
-                                                             as_completions(prompts, texts), columns_of(examples))
+            state = RewardTrainerState(global_step=self.state["step"], max_steps=self.total_steps(),
+                                       epoch=float(self.state["epoch"]))
+            function_total, per_function = score_completions(
+                self.reward_functions, prompts, as_completions(prompts, texts), columns_of(examples),
+                completion_ids=[list(c) for c in completions], trainer_state=state)
             total += function_total
             for name, values in per_function.items():
                 if not np.isnan(values).all():

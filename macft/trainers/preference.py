@@ -15,6 +15,7 @@ and ``cuda_bridge.preference`` provide them) besides the Trainer's ``to_array``,
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +25,7 @@ from algorithms.orpo import orpo_loss
 from algorithms.sft import sft_loss
 from macft.config import ConfigError, CPOConfig, DPOConfig, KTOConfig, ORPOConfig, PreferenceConfig
 from macft.data import load_preference_dataset, load_rows, tokenize_unpaired
-from macft.trainers.sft import eval_source, pad_token_id, remember_data_file
+from macft.trainers.sft import data_options, eval_source, pad_token_id, remember_data_file
 from macft.training import TrainingLoop
 
 PAIR_CURVES = (("loss", "eval_loss"), ("rewards/margins", "eval_rewards/margins"),
@@ -122,13 +123,26 @@ class PreferenceAlgorithm(PreferenceBackend, TrainingLoop):
     uses_reference = False
     metric_curves = PAIR_CURVES
 
+    def __init__(self, model, processing_class=None, args=None, train_dataset=None, eval_dataset=None,
+                 tokenizer=None, ref_model=None, **trl_arguments):
+        """TRL's arguments; ``ref_model``: None (the default reference: the base with the adapters
+        off, or a frozen copy for full fine-tuning) or a model path (``reference_model_path``)."""
+        if ref_model is not None and not isinstance(ref_model, (str, os.PathLike)):
+            raise TypeError(f"{type(self).__name__}: ref_model must be None (the base model with the adapters "
+                            "switched off, or a frozen copy for full fine-tuning) or a model path; a loaded model "
+                            "object is not supported here: pass its directory as ref_model= or reference_model_path=")
+        if ref_model is not None:
+            trl_arguments["reference_model_path"] = str(ref_model)
+        super().__init__(model, processing_class, args, train_dataset, eval_dataset, tokenizer, **trl_arguments)
+
     def default_config(self):
         return PreferenceConfig()
 
     # -- data
     def load_examples(self, data, split: str, max_length: int):
         return load_preference_dataset(data, self.tokenizer, max_length, split=split,
-                                       max_prompt_length=self.args.max_prompt_length)
+                                       max_prompt_length=self.args.max_prompt_length,
+                                       **data_options(self.args, self.tokenizer))
 
     def example_rows(self, example) -> list:
         """The rows of one example whose reference log-probs depend on that example alone."""
@@ -355,7 +369,7 @@ class KTOAlgorithm(PreferenceAlgorithm):
                               "per_device_train_batch_size must be >= 2")
 
     def load_examples(self, data, split: str, max_length: int):
-        rows = load_rows(data, split)
+        rows = load_rows(data, split, **data_options(self.args, self.tokenizer))
         return tokenize_unpaired(rows, self.tokenizer, max_length, self.args.max_prompt_length, source=rows.source)
 
     def example_rows(self, example) -> list:

@@ -18,7 +18,7 @@ import numpy as np
 from algorithms.reward_model import reward_model_loss
 from macft.config import RewardConfig
 from macft.data import DataError, load_rows, tokenize_preference
-from macft.trainers.sft import eval_source, pad_token_id, remember_data_file
+from macft.trainers.sft import data_options, eval_source, pad_token_id, remember_data_file
 from macft.trainers.value_head import pad_right
 from macft.training import TrainingLoop
 
@@ -48,7 +48,7 @@ class RewardAlgorithm(TrainingLoop):
 
     def _tokenize(self, data, split):
         """[(chosen row ids, rejected row ids, margin)]; the margin column is optional (0 without)."""
-        rows = load_rows(data, split)
+        rows = load_rows(data, split, **data_options(self.args, self.tokenizer))
         remember_data_file(self.data_files, data, split)
         if not any("margin" in row for row in rows):
             examples, _ = tokenize_preference(rows, self.tokenizer, self.max_length, source=rows.source)

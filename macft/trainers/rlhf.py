@@ -19,6 +19,7 @@ from pathlib import Path
 from macft.config import RewardConfig, RLHFConfig
 from macft.data import has_chat_template, load_prompt_dataset, load_rows
 from macft.trainers.online import data_file
+from macft.trainers.sft import data_options
 from macft.trainers.value_head import HEAD_CONFIG
 
 REWARD_MODEL_DIR = "reward_model"
@@ -28,9 +29,9 @@ class RLHFLogic:
     """Reward model, then PPO. ``train_dataset``: preference pairs ({"prompt","chosen","rejected"})."""
 
     def __init__(self, model, processing_class=None, args: RLHFConfig | None = None, train_dataset=None,
-                 eval_dataset=None, ref_model=None, tokenizer=None):
+                 eval_dataset=None, ref_model=None, tokenizer=None, **trl_arguments):
         super().__init__(model, processing_class, args, train_dataset, eval_dataset, ref_model=ref_model,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, **trl_arguments)
         self.reward_model = None  # trained in prepare()
         self.reward_metrics: list[dict] = []
         self._resuming = False
@@ -81,6 +82,12 @@ class RLHFLogic:
             warmup_ratio=args.warmup_ratio, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
             eval_batches=args.eval_batches, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
             disable_tqdm=args.disable_tqdm, max_length=self.policy.macft.max_seq_length or 1024,
+            eval_strategy=args.eval_strategy, save_strategy=args.save_strategy,
+            per_device_eval_batch_size=args.per_device_eval_batch_size, logging_first_step=args.logging_first_step,
+            optim=args.optim, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
+            lr_scheduler_kwargs=args.lr_scheduler_kwargs, dataset_columns=args.dataset_columns,
+            strings_as_chat=args.strings_as_chat,
+            nan_patience=args.nan_patience, compile_step=args.compile_step,
             center_rewards_coefficient=args.reward_center_rewards_coefficient,
             # This run decided already (it resumes, or it refused or replaced an earlier run in
             # output_dir): what a stopped reward stage left without a checkpoint starts over.
@@ -88,7 +95,8 @@ class RLHFLogic:
         trainer = self.reward_trainer_class(reward_model, self.tokenizer, config, train_dataset=self.train_dataset,
                                             eval_dataset=self.eval_dataset)
         resume = directory if self._resuming and trainer.run.latest_checkpoint() is not None else None
-        self.reward_metrics = trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=resume)
+        self.reward_metrics = trainer.metrics_history
         return trainer.reward_model
 
     def _load_prompts(self):
@@ -96,7 +104,8 @@ class RLHFLogic:
         their other columns, for PPO."""
         data = self.train_dataset
         self.data_files.extend(data_file(data))
-        rows = [prompt_row(row, has_chat_template(self.tokenizer)) for row in load_rows(data, "train")]
+        pairs = load_rows(data, "train", **data_options(self.args, self.tokenizer))
+        rows = [prompt_row(row, has_chat_template(self.tokenizer)) for row in pairs]
         examples, _ = load_prompt_dataset(rows, self.tokenizer, "train", max_prompt_length=self.args.max_prompt_length)
         return examples
 

@@ -226,3 +226,119 @@ def test_smollm2_f16_round_trip(smollm2_mlx_dir, tmp_path):
     # Our model's greedy choice at every answer position (one teacher-forced pass) is the same answer.
     ours = mlx_logits(model, answer[:-1])[len(ids) - 1:].argmax(-1).tolist()
     assert ours == answer[len(ids):]
+
+
+# ----------------------------------------------------------------------------- K-quant mixtures
+
+
+def test_k_mixture_rule_is_llama_cpps():
+    """q4_k_m: Q6_K for "half of the attention.wv and feed_forward.w2 tensors" (Unsloth's words;
+    llama.cpp's use_more_bits: first and last eighth, every third between) and for the head;
+    rows that are not whole super-blocks of 256 take llama.cpp's fallback types."""
+    from convert.gguf_export import tensor_qtype, use_more_bits
+
+    assert sum(use_more_bits(i, 32) for i in range(32)) == 16
+    assert [i for i in range(8) if use_more_bits(i, 8)] == [0, 3, 6, 7]
+
+    def kind(outtype, name, shape, tied=False):
+        return tensor_qtype(outtype, name, shape, 32, tied).name
+
+    assert kind("q4_k_m", "blk.0.attn_v.weight", (256, 512)) == "Q6_K"
+    assert kind("q4_k_m", "blk.4.attn_v.weight", (256, 512)) == "Q4_K"
+    assert kind("q4_k_m", "blk.6.ffn_down.weight", (256, 512)) == "Q6_K"
+    assert kind("q4_k_m", "blk.6.ffn_up.weight", (256, 512)) == "Q4_K"
+    assert kind("q4_k_m", "output.weight", (400, 512)) == "Q6_K"
+    assert kind("q4_k_m", "token_embd.weight", (400, 512)) == "Q4_K"
+    assert kind("q4_k_m", "token_embd.weight", (400, 512), tied=True) == "Q6_K"  # it is the head too
+    assert kind("q4_k_m", "blk.4.attn_q.weight", (576, 576)) == "Q5_0"  # Q4_K's fallback
+    assert kind("q4_k_m", "blk.0.attn_v.weight", (192, 576)) == "Q8_0"  # Q6_K's fallback
+    assert kind("q4_k_m", "token_embd.weight", (400, 576), tied=True) == "Q8_0"
+    assert kind("q4_k_m", "blk.4.attn_q.weight", (8, 40)) == "F16"  # not even blocks of 32
+    assert kind("q4_k_m", "blk.4.attn_norm.weight", (512,)) == "F32"
+    assert kind("q5_k_m", "blk.4.attn_q.weight", (576, 576)) == "Q5_1"
+    assert kind("q5_k_m", "blk.4.attn_q.weight", (512, 512)) == "Q5_K"
+    assert kind("q4_k_s", "blk.3.attn_v.weight", (512, 512)) == "Q5_K"
+    assert kind("q4_k_s", "blk.4.attn_v.weight", (512, 512)) == "Q4_K"
+    assert kind("q6_k", "blk.4.attn_q.weight", (512, 512)) == "Q6_K"
+    assert kind("q8_0", "output.weight", (400, 512)) == "Q8_0"  # the legacy types stay pure
+
+
+@pytest.fixture(scope="module")
+def k_quant_model_dir(small_vocab_model_dir, tmp_path_factory):
+    """A llama whose widths (hidden 256, intermediate 512) are whole super-blocks, so K-quants apply,
+    with 2 layers: use_more_bits picks layer 1, so both Q4_K and Q6_K appear."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(small_vocab_model_dir("llama"))
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, initializer_range=0.05,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("k-quant-llama")
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_q4_k_m_file_types_and_transformers_logits(k_quant_model_dir, tmp_path):
+    import gguf
+    import transformers
+    from gguf.quants import dequantize
+
+    from convert import hf_dir_to_gguf
+    from convert.gguf_export import load_hf_weights
+
+    path = hf_dir_to_gguf(k_quant_model_dir, tmp_path / "m.gguf", "q4_k_m")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    six = {"output.weight", "blk.1.attn_v.weight", "blk.1.ffn_down.weight"}
+    for name, kind in types.items():
+        expected = "F32" if "norm" in name else "Q6_K" if name in six else "Q4_K"
+        assert kind == expected, name
+
+    # each tensor, read back by gguf-py, is our float weight (Q/K rows in llama.cpp's order) to
+    # within its type's error level
+    weights = load_hf_weights(k_quant_model_dir)
+    from convert.gguf_export import gguf_tensor_name, permute_rows
+    by_name = {gguf_tensor_name(k): v for k, v in weights.items()}
+    by_name["blk.0.attn_q.weight"] = permute_rows(by_name["blk.0.attn_q.weight"], 4)
+    by_name["blk.0.attn_k.weight"] = permute_rows(by_name["blk.0.attn_k.weight"], 2)
+    for t in reader.tensors:
+        if t.name.startswith("blk.1.attn_") and t.name[11] in "qk":
+            continue  # (layer 1's permuted too; layer 0 shows the point)
+        expected = by_name[t.name]
+        got = dequantize(np.asarray(t.data), t.tensor_type).reshape(expected.shape)
+        bound = {"F32": 0, "Q6_K": 0.02, "Q4_K": 0.08}[t.tensor_type.name]
+        assert np.sqrt(np.mean((got - expected) ** 2)) <= bound * expected.std(), t.name
+
+    # transformers (dequantizing with gguf-py) against the float model. A random model's logits have
+    # little spread, and ~7% noise in every matrix moves them by ~0.22 of it (RMS, measured); q8_0's
+    # ~0.5% weight noise moves them ~12 times less (0.017), the ratio of the weight errors.
+    ids = [1, 5, 40, 77, 120, 200, 301, 7, 9, 33]
+    float_model = transformers.AutoModelForCausalLM.from_pretrained(k_quant_model_dir, dtype=torch.float32).eval()
+    want = hf_logits(float_model, ids)
+    got = hf_logits(load_gguf_in_transformers(path)[0], ids)
+    q8 = hf_logits(load_gguf_in_transformers(hf_dir_to_gguf(k_quant_model_dir, tmp_path / "q8.gguf", "q8_0"))[0], ids)
+    err_k, err_8 = (float(np.sqrt(np.mean((x - want) ** 2)) / want.std()) for x in (got, q8))
+    assert err_k < 0.3 and err_8 < 0.15 * err_k, (err_k, err_8)
+
+
+def test_save_merged_gguf_defaults_to_unsloths_q8_0_and_knows_its_aliases(k_quant_model_dir, tmp_path):
+    import gguf
+    import transformers
+
+    from convert.gguf_export import load_hf_weights, save_merged_gguf
+
+    weights = load_hf_weights(k_quant_model_dir)
+    config = transformers.AutoConfig.from_pretrained(k_quant_model_dir).to_dict()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(k_quant_model_dir)
+    default = save_merged_gguf(weights, config, tokenizer, tmp_path)  # Unsloth: "fast_quantized"
+    assert default.name == "model-q8_0.gguf"
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(default)).tensors} == {"Q8_0", "F32"}
+    quantized = save_merged_gguf(weights, config, tokenizer, tmp_path, "quantized")
+    assert quantized.name == "model-q4_k_m.gguf"
+    assert save_merged_gguf(weights, config, tokenizer, tmp_path, "Q4_K").name == "model-q4_k_m.gguf"
+    with pytest.raises(ValueError, match=r"'q3_k_m' is not supported.*q4_k_m.*fast_quantized \(= q8_0\)"):
+        save_merged_gguf(weights, config, tokenizer, tmp_path, "q3_k_m")

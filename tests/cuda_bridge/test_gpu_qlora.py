@@ -23,7 +23,7 @@ def test_qlora_sft_steps_on_a_1b_shaped_model(cuda, tmp_path):
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, use_gradient_checkpointing="unsloth")
 
     rows = [{"text": t} for t in bench_texts(tokenizer, 8, 1024)]
-    args = SFTConfig(output_dir=str(tmp_path / "run"), max_length=1024, max_steps=4, per_device_train_batch_size=2,
+    args = SFTConfig(logging_steps=1, output_dir=str(tmp_path / "run"), max_length=1024, max_steps=4, per_device_train_batch_size=2,
                      learning_rate=2e-4, lr_scheduler_type="constant", eval_steps=0, save_steps=0,
                      disable_tqdm=True, train_on_prompt=True)
     torch.cuda.reset_peak_memory_stats()

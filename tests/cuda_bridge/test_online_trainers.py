@@ -114,13 +114,14 @@ def test_grpo_makes_the_rewarded_token_more_frequent(rewarded_dir, tmp_path):
     from macft import GRPOConfig, GRPOTrainer
 
     model, tokenizer = policy(rewarded_dir)
-    args = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=2,
+    args = GRPOConfig(logging_steps=1, output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=2,
                       num_generations=8, max_completion_length=6, learning_rate=1e-2, lr_scheduler_type="constant",
                       temperature=1.0, beta=0.04, disable_tqdm=True, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=target_share, args=args, train_dataset=PROMPTS,
                           processing_class=tokenizer)
     assert type(trainer).__module__ == "cuda_bridge.grpo"
-    steps = steps_of(trainer.train())
+    trainer.train()
+    steps = steps_of(trainer.metrics_history)
     rewards = [m["reward_mean"] for m in steps]
     assert len(rewards) == 6 and rewards[0] < 0.5, rewards  # TARGET is ~20% of the sampled tokens
     first, last = first_last(steps, "reward_mean")
@@ -154,7 +155,7 @@ def test_each_preset_command_trains_on_the_bridge(rewarded_dir, tmp_path, comman
         warnings.simplefilter("ignore")
         result = invoke(command, "--model", rewarded_dir, "--data", rows, "--reward-fn", reward, "--iters", 2,
                         "--batch-size", 2, "--group-size", 4, "--max-completion-length", 4, "--learning-rate", 1e-2,
-                        "--adapter-path", out, *extra)
+                        "--steps-per-report", 1, "--seed", 3407, "--adapter-path", out, *extra)
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
@@ -187,7 +188,8 @@ def online(trainer_name, model, tokenizer, tmp_path, steps, **config):
     import macft
 
     config_class = getattr(macft, trainer_name.replace("Trainer", "Config"))
-    args = config_class(output_dir=str(tmp_path / trainer_name), max_steps=steps, learning_rate=1e-2,
+    args = config_class(logging_steps=1, seed=3407, output_dir=str(tmp_path / trainer_name), max_steps=steps,
+                        learning_rate=1e-2,
                         per_device_train_batch_size=4, lr_scheduler_type="constant", disable_tqdm=True,
                         max_new_tokens=8, temperature=1.0, **config)
     return getattr(macft, trainer_name)(model=model, reward_funcs=[target_count], args=args, train_dataset=PROMPTS,
@@ -198,7 +200,8 @@ def test_online_dpo_raises_the_judge_reward(rewarded_dir, tmp_path):
     model, tokenizer = policy(rewarded_dir)
     trainer = online("OnlineDPOTrainer", model, tokenizer, tmp_path, steps=10)
     assert type(trainer).__module__ == "cuda_bridge.online_dpo"
-    records = steps_of(trainer.train())
+    trainer.train()
+    records = steps_of(trainer.metrics_history)
     first, last = first_last(records, "reward_mean")
     assert last > first + 2.0, [r["reward_mean"] for r in records]  # of at most 8 target tokens per completion
     for r in records:
@@ -212,7 +215,8 @@ def test_xpo_policy_comes_to_beat_the_reference(rewarded_dir, tmp_path):
     model, tokenizer = policy(rewarded_dir)
     trainer = online("XPOTrainer", model, tokenizer, tmp_path, steps=10)
     assert type(trainer).__module__ == "cuda_bridge.xpo"
-    records = steps_of(trainer.train())
+    trainer.train()
+    records = steps_of(trainer.metrics_history)
     first, last = first_last(records, "objective/model_scores")
     assert last > first + 2.0, [r["objective/model_scores"] for r in records]
     assert first_last(records, "judge/policy_win_rate")[1] > 0.8
@@ -227,7 +231,7 @@ def test_online_dpo_command_line_on_the_bridge(rewarded_dir, tmp_path):
     out = tmp_path / "run"
     result = invoke("xpo", "--model", rewarded_dir, "--data", rows, "--reward-fn", MY_REWARD, "--iters", 2,
                     "--batch-size", 2, "--max-completion-length", 4, "--beta", 0.2, "--alpha", 0.01,
-                    "--adapter-path", out)
+                    "--steps-per-report", 1, "--adapter-path", out)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
@@ -264,7 +268,7 @@ def test_ppo_raises_a_toy_reward_and_its_value_model_learns(tiny_model_dir, tmp_
         return [float(sum(t in favoured_set for t in tokenizer.encode(c, add_special_tokens=False)))
                 for c in completions]
 
-    config = PPOConfig(output_dir=str(tmp_path / "ppo"), max_steps=12, per_device_train_batch_size=16,
+    config = PPOConfig(logging_steps=1, output_dir=str(tmp_path / "ppo"), max_steps=12, per_device_train_batch_size=16,
                        num_mini_batches=1, num_ppo_epochs=4, learning_rate=5e-3, lr_scheduler_type="constant",
                        disable_tqdm=True, response_length=3, temperature=0.25, kl_coef=0.02)
     rows = [{"prompt": f"Say something {i}."} for i in range(64)]
@@ -274,7 +278,8 @@ def test_ppo_raises_a_toy_reward_and_its_value_model_learns(tiny_model_dir, tmp_
     trainer.prepare()
     model.eval()
     before = favoured_probability(model, trainer.prompts[:16], favoured, config.temperature)
-    metrics = trainer.train()
+    trainer.train()
+    metrics = trainer.metrics_history
     model.eval()
     after = favoured_probability(model, trainer.prompts[:16], favoured, config.temperature)
     assert 0.3 < before < 0.7 and after > before + 0.2, (before, after)
@@ -297,7 +302,7 @@ def test_rlhf_command_trains_the_reward_model_then_ppo(tiny_model_dir, tmp_path)
     out = tmp_path / "rlhf"
     result = invoke("rlhf", "--model", tiny_model_dir("llama"), "--data", pairs, "--reward-max-steps", 2,
                     "--reward-learning-rate", 1e-3, "--iters", 2, "--batch-size", 2, "--num-ppo-epochs", 1,
-                    "--response-length", 4, "--learning-rate", 1e-3, "--adapter-path", out)
+                    "--response-length", 4, "--learning-rate", 1e-3, "--steps-per-report", 1, "--adapter-path", out)
     assert result.exit_code == 0, result.output
     reward_metrics = [json.loads(line) for line in (out / "reward_model" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in reward_metrics if "loss" in m] == [1, 2]

@@ -74,7 +74,7 @@ def first_step(trainer):
     micro = next(trainer._step_batches())
     before = trained_weights(trainer.model)
     loss, metrics, grad_norm = trainer.compute_gradients(micro)
-    trainer.apply_gradients(trainer.learning_rate(0))
+    trainer.apply_gradients(trainer.learning_rate_at(0))
     after = trained_weights(trainer.model)
     return loss, metrics, grad_norm, {name: after[name] - before[name] for name in before}
 
@@ -98,7 +98,7 @@ def config_values(tmp_path, name):
     # max_grad_norm=0.5 so that clipping acts on the first step; weight decay so that it counts too.
     # adam_epsilon=1e-4: with 1e-8, Adam's first step is lr * g / (|g| + 1e-8) * sqrt(1000) / 10, a sign
     # function whose value at a gradient entry within float rounding of zero is rounding noise.
-    return dict(output_dir=str(tmp_path / name), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
+    return dict(logging_steps=1, output_dir=str(tmp_path / name), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
                 weight_decay=0.1, max_grad_norm=0.5, adam_epsilon=1e-4, lr_scheduler_type="constant",
                 disable_tqdm=True, eval_batches=0)
 

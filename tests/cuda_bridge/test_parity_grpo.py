@@ -30,7 +30,7 @@ SETTINGS = {
 def _config(name, tmp_path, backend):
     from macft.config import GRPOConfig
 
-    common = dict(output_dir=str(tmp_path / backend), num_generations=GROUP, max_completion_length=6,
+    common = dict(logging_steps=1, output_dir=str(tmp_path / backend), num_generations=GROUP, max_completion_length=6,
                   per_device_train_batch_size=2, num_iterations=2, disable_tqdm=True, seed=0)
     setting = SETTINGS[name]
     if isinstance(setting, str):

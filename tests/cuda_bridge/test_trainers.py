@@ -50,10 +50,12 @@ def losses(metrics):
 def test_sft_learns_and_its_adapter_reloads(tiny_model_dir, tmp_path):
     base = tiny_model_dir("llama")
     model, tokenizer = lora_model(base)
-    args = cuda_bridge.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4,
+    args = cuda_bridge.SFTConfig(logging_steps=1, output_dir=str(tmp_path / "run"), max_steps=12, per_device_train_batch_size=4,
                                  learning_rate=5e-2, lr_scheduler_type="constant", disable_tqdm=True)
-    metrics = cuda_bridge.SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=SFT_ROWS,
-                                     eval_dataset=SFT_ROWS[:4]).train()
+    metrics_trainer = cuda_bridge.SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=SFT_ROWS,
+                                     eval_dataset=SFT_ROWS[:4])
+    metrics_trainer.train()
+    metrics = metrics_trainer.metrics_history
     curve = losses(metrics)
     assert np.mean(curve[-3:]) < np.mean(curve[:3]) - 0.8, curve  # tests/mlx/test_training.py's bar
     assert all(m["grad_norm"] > 0 and m["peak_memory_gb"] > 0 for m in metrics if "loss" in m)
@@ -75,12 +77,14 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_model_dir, tmp_path):
     results = []
     for batch_size, accumulate in ((4, 1), (2, 2)):
         model, tokenizer = lora_model(tiny_model_dir("llama"), r=4)
-        args = cuda_bridge.SFTConfig(output_dir=str(tmp_path / f"run{batch_size}"), max_steps=2, learning_rate=1.0,
+        args = cuda_bridge.SFTConfig(logging_steps=1, output_dir=str(tmp_path / f"run{batch_size}"), max_steps=2, learning_rate=1.0,
                                      optim="sgd", per_device_train_batch_size=batch_size,
                                      gradient_accumulation_steps=accumulate, lr_scheduler_type="constant",
                                      disable_tqdm=True, eval_batches=0, save_steps=0)
-        metrics = cuda_bridge.SFTTrainer(model=model, processing_class=tokenizer, args=args,
-                                         train_dataset=SFT_ROWS[:8]).train()
+        metrics_trainer = cuda_bridge.SFTTrainer(model=model, processing_class=tokenizer, args=args,
+                                         train_dataset=SFT_ROWS[:8])
+        metrics_trainer.train()
+        metrics = metrics_trainer.metrics_history
         results.append(({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
                         losses(metrics)))
     (p1, l1), (p2, l2) = results
@@ -92,11 +96,12 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_model_dir, tmp_path):
 def test_resume_continues_the_same_curve(tiny_model_dir, tmp_path):
     def run(out, steps, resume=None):
         model, tokenizer = lora_model(tiny_model_dir("llama"), r=4)
-        args = cuda_bridge.SFTConfig(output_dir=str(out), max_steps=steps, learning_rate=1e-2,
+        args = cuda_bridge.SFTConfig(logging_steps=1, output_dir=str(out), max_steps=steps, learning_rate=1e-2,
                                      per_device_train_batch_size=4, save_steps=2, lr_scheduler_type="constant",
                                      disable_tqdm=True, eval_batches=0)
-        return cuda_bridge.SFTTrainer(model=model, processing_class=tokenizer, args=args,
-                                      train_dataset=SFT_ROWS).train(resume_from_checkpoint=resume)
+        trainer = cuda_bridge.SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=SFT_ROWS)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.metrics_history
 
     full = run(tmp_path / "a", 4)
     run(tmp_path / "b", 2)
@@ -140,12 +145,14 @@ def test_preference_trainers_learn_the_preferred_answer(tiny_model_dir, tmp_path
     held_out, _ = tokenize_preference(valid, tokenizer, 1024)
     before = held_out_margin(model, held_out)
     args = getattr(cuda_bridge, f"{algo.upper()}Config")(
-        output_dir=str(tmp_path / algo), max_steps=10, per_device_train_batch_size=2, learning_rate=lr,
+        logging_steps=1, seed=3407, per_device_eval_batch_size=2, output_dir=str(tmp_path / algo), max_steps=10,
+        per_device_train_batch_size=2, learning_rate=lr,
         lr_scheduler_type="constant", disable_tqdm=True, eval_batches=1, save_steps=0, **config)
     trainer = getattr(cuda_bridge, f"{algo.upper()}Trainer")(model=model, processing_class=tokenizer, args=args,
                                                              train_dataset=preference_rows("train"),
                                                              eval_dataset=valid)
-    metrics = trainer.train()
+    trainer.train()
+    metrics = trainer.metrics_history
     after = held_out_margin(model, held_out)
     assert after > before + 5.0, (before, after)
     steps = [m for m in metrics if "loss" in m]
@@ -179,7 +186,7 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tiny_model_dir, tmp_path)
 
     model, tokenizer = lora_model(tiny_model_dir("llama"))
     out = tmp_path / "rm"
-    args = cuda_bridge.RewardConfig(output_dir=str(out), max_steps=10, per_device_train_batch_size=8,
+    args = cuda_bridge.RewardConfig(logging_steps=1, output_dir=str(out), max_steps=10, per_device_train_batch_size=8,
                                     learning_rate=2e-3, lr_scheduler_type="constant", disable_tqdm=True,
                                     max_length=128, save_steps=0)
     held_out = marker_pairs(16, seed=1)
@@ -194,7 +201,8 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tiny_model_dir, tmp_path)
 
     chosen, rejected = scores(trainer.reward_model)
     before = (chosen > rejected).mean()
-    metrics = trainer.train()
+    trainer.train()
+    metrics = trainer.metrics_history
     chosen, rejected = scores(trainer.reward_model)
     after = (chosen > rejected).mean()
     assert 0.2 <= before <= 0.8, before
@@ -238,7 +246,8 @@ def test_cli_trains_on_the_bridge(tiny_model_dir, tmp_path, bridge_backend, comm
     data, flags, keys = CLI_CASES[command]
     out = tmp_path / "run"
     args = [command, "--model", tiny_model_dir("llama"), "--data", data, "--iters", 2, "--batch-size", 2,
-            "--learning-rate", 1e-2, "--val-batches", 1, "--adapter-path", out, "--max-seq-length", 128, *flags]
+            "--learning-rate", 1e-2, "--val-batches", 1, "--adapter-path", out, "--max-seq-length", 128,
+            "--steps-per-report", 1, "--seed", 3407, "--max-grad-norm", 1.0, *flags]
     result = CliRunner().invoke(build_app(), [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     run = json.loads((out / "run.json").read_text())

@@ -65,7 +65,7 @@ def parity_reward(prompts, completions, completion_ids, **kwargs):
 
 
 def grpo(model, tokenizer, tmp_path, reward_funcs=token_reward, rows=PROMPTS, **config):
-    settings = dict(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,
+    settings = dict(logging_steps=1, output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,
                     num_generations=4, max_completion_length=6, learning_rate=5e-3, lr_scheduler_type="constant",
                     temperature=1.0, disable_tqdm=True, seed=0)
     settings.update(config)
@@ -108,7 +108,9 @@ def test_shared_prompt_log_probs_equal_whole_sequences(tiny_model_dir, arch):
 
 def test_the_rewarded_token_becomes_more_frequent(tiny_model_dir, tmp_path):
     model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.1)
-    metrics = grpo(model, tokenizer, tmp_path, max_steps=10, num_generations=8, learning_rate=5e-4).train()
+    metrics_trainer = grpo(model, tokenizer, tmp_path, max_steps=10, num_generations=8, learning_rate=5e-4)
+    metrics_trainer.train()
+    metrics = metrics_trainer.metrics_history
     steps = [m for m in metrics if "loss" in m]
     rewards = [m["reward_mean"] for m in steps]  # the rewarded token's share of the sampled tokens
     assert len(rewards) == 10 and rewards[0] < 0.25
@@ -129,7 +131,9 @@ def test_the_rewarded_token_becomes_more_frequent(tiny_model_dir, tmp_path):
 
 def test_reused_rollouts_move_the_ratio_so_clipping_acts(tiny_model_dir, tmp_path):
     model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.2)
-    metrics = grpo(model, tokenizer, tmp_path, max_steps=3, num_iterations=3, learning_rate=0.1).train()
+    metrics_trainer = grpo(model, tokenizer, tmp_path, max_steps=3, num_iterations=3, learning_rate=0.1)
+    metrics_trainer.train()
+    metrics = metrics_trainer.metrics_history
     steps = [m for m in metrics if "loss" in m]
     # Step 1 samples (ratio exactly 1); steps 2 and 3 replay the same rollout after updates.
     assert steps[0]["clip_fraction"] == 0 and "reward_mean" in steps[0]
@@ -142,7 +146,8 @@ def test_beta_compares_with_the_reference_policy(tiny_model_dir, tmp_path, train
     model, tokenizer = tiny_policy(tiny_model_dir, full=train_type == "full")
     trainer = grpo(model, tokenizer, tmp_path, reward_funcs=parity_reward, max_steps=3, beta=0.5,
                    learning_rate=3e-3 if train_type == "full" else 5e-2)
-    steps = [m for m in trainer.train() if "loss" in m]
+    trainer.train()
+    steps = [m for m in trainer.metrics_history if "loss" in m]
     # LoRA starts at the base and the full copy starts equal: no divergence at step 1, some after.
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert steps[-1]["kl"] > 1e-5, steps
@@ -166,7 +171,8 @@ def test_dapo_samples_equal_reward_groups_again(tiny_model_dir, tmp_path):
     reward = CountingReward(lambda call, prompts, n: [0.0] * n if call == 1 else [float(i % 2) for i in range(n)])
     trainer = grpo(model, tokenizer, tmp_path, reward_funcs=reward, max_steps=1, dynamic_sampling=True,
                    **PRESETS["dapo"])
-    step = trainer.train()[0]
+    trainer.train()
+    step = trainer.metrics_history[0]
     assert reward.calls == 2 and step["sampling_rounds"] == 2 and step["kept_groups_frac"] == 1.0
     assert step["reward_mean"] == 0.0 and step["frac_reward_zero_std"] == 1.0  # the policy's own first sample
 
@@ -181,7 +187,8 @@ def test_dapo_gives_up_after_max_rounds_with_a_warning(tiny_model_dir, tmp_path)
                    dynamic_sampling=True, max_sampling_rounds=3, overlong_buffer_length=2, max_completion_length=4,
                    mask_truncated_completions=True)
     with pytest.warns(UserWarning, match=r"dynamic sampling: after 3 sampling rounds, 1 of 2 prompt groups"):
-        step = trainer.train()[0]
+        trainer.train()
+        step = trainer.metrics_history[0]
     assert reward.calls == 3 and step["sampling_rounds"] == 3 and step["kept_groups_frac"] == 0.5
     # The random model never stops before 4 tokens: every completion is in the overlong zone
     # (|y| = L_max: penalty -1) and truncated, so masked out of the loss.
@@ -218,11 +225,14 @@ def test_resume_continues_the_same_rollouts(tiny_model_dir, tmp_path):
     """Rollouts are seeded by (seed, epoch, batch), so a run resumed at step 2 samples what the
     uninterrupted run sampled at steps 3 and 4."""
     model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.2)
-    full = grpo(model, tokenizer, tmp_path / "a", reward_funcs=parity_reward, rows=PROMPTS[:6], max_steps=4,
-                save_steps=2, save_total_limit=None).train()
+    full_trainer = grpo(model, tokenizer, tmp_path / "a", reward_funcs=parity_reward, rows=PROMPTS[:6], max_steps=4,
+                        save_steps=2, save_total_limit=None)
+    full_trainer.train()
+    full = full_trainer.metrics_history
     model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.2)
-    resumed = grpo(model, tokenizer, tmp_path / "b", reward_funcs=parity_reward, rows=PROMPTS[:6], max_steps=4).train(
-        resume_from_checkpoint=tmp_path / "a" / "run" / "checkpoints" / "step_2")
+    resumed_trainer = grpo(model, tokenizer, tmp_path / "b", reward_funcs=parity_reward, rows=PROMPTS[:6], max_steps=4)
+    resumed_trainer.train(resume_from_checkpoint=tmp_path / "a" / "run" / "checkpoints" / "step_2")
+    resumed = resumed_trainer.metrics_history
     assert [m["step"] for m in resumed] == [3, 4]
     for before, after in zip(full[2:], resumed):
         assert after["reward_mean"] == before["reward_mean"] and after["completion_length"] == before["completion_length"]
@@ -247,7 +257,8 @@ def invoke(*args):
 
 
 @pytest.mark.parametrize("command, expected", [
-    ("grpo", {"loss_type": "dapo", "beta": 0.0, "importance_sampling_level": "token", "num_iterations": 2}),
+    # `macft grpo` without a preset: mlx-lm-lora's defaults (--grpo-loss-type grpo, --beta 0.1), not TRL's.
+    ("grpo", {"loss_type": "grpo", "beta": 0.1, "importance_sampling_level": "token", "num_iterations": 2}),
     ("gspo", {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4}),
     ("dr_grpo", {"loss_type": "dr_grpo", "scale_rewards": "none"}),
     ("dapo", {"loss_type": "dapo", "epsilon_high": 0.3, "dynamic_sampling": True,
@@ -260,13 +271,16 @@ def test_each_group_command_trains_end_to_end(tiny_model_dir, arith_dir, tmp_pat
         warnings.simplefilter("ignore")
         result = invoke(command, "--model", tiny_model_dir("llama"), "--data", arith_dir, "--reward-fn", MY_REWARD,
                         "--iters", 2, "--batch-size", 2, "--group-size", 2, "--max-completion-length", 3,
-                        "--learning-rate", 1e-3, "--adapter-path", out, *extra.get(command, []))
+                        "--learning-rate", 1e-3, "--steps-per-report", 1, "--seed", 3407, "--adapter-path", out,
+                        *extra.get(command, []))
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 2]  # two steps, then the evaluation on valid.jsonl
-    assert all(f"rewards/{name}/mean" in metrics[0] for name in ("correctness_reward", "format_reward"))
-    assert "reward_mean" in metrics[0] and "loss" in metrics[1]
-    assert {"eval_reward_mean", "eval_rewards/correctness_reward/mean", "eval_completion_length"} <= set(metrics[2])
+    # The evaluation on valid.jsonl before the first step (mlx-lm-lora's), two steps, then the final evaluation.
+    assert [m["step"] for m in metrics] == [0, 1, 2, 2]
+    assert all(f"rewards/{name}/mean" in metrics[1] for name in ("correctness_reward", "format_reward"))
+    assert "reward_mean" in metrics[1] and "loss" in metrics[2]
+    for evaluation in (metrics[0], metrics[3]):
+        assert {"eval_reward_mean", "eval_rewards/correctness_reward/mean", "eval_completion_length"} <= set(evaluation)
     config = json.loads((out / "run.json").read_text())["config"]
     assert {k: config[k] for k in expected} == expected
     assert config["num_generations"] == 2 and config["max_completion_length"] == 3
@@ -283,6 +297,7 @@ def test_bad_reward_output_is_one_clear_line(tiny_model_dir, arith_dir, tmp_path
     reward_file.write_text(f"def short_reward(prompts, completions, **kwargs):\n    {body}\n")
     result = invoke("grpo", "--model", tiny_model_dir("llama"), "--data", arith_dir, "--reward-fn", reward_file,
                     "--iters", 1, "--batch-size", 2, "--group-size", 2, "--max-completion-length", 2,
+                    "--val-batches", 0,  # no evaluation before step 1 (mlx-lm-lora's): the training step scores first
                     "--adapter-path", tmp_path / "run")
     assert result.exit_code == 2
     errors = [line[line.index("error: "):] for line in result.output.splitlines() if "error: " in line]
@@ -338,12 +353,13 @@ def test_smollm2_learns_arithmetic_with_my_reward(smollm2_mlx_dir, tmp_path):
     correctness part 0.09 / 0.28 -> 0.56 / 0.64 (the model learns to write "a + b = c" and get c right)."""
     model, tokenizer = FastLanguageModel.from_pretrained(str(smollm2_mlx_dir))
     FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, num_layers=16, use_gradient_checkpointing=False)
-    args = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=30, per_device_train_batch_size=1,
+    args = GRPOConfig(logging_steps=1, output_dir=str(tmp_path / "run"), max_steps=30, per_device_train_batch_size=1,
                       num_generations=8, max_completion_length=12, learning_rate=5e-5, lr_scheduler_type="constant",
                       temperature=1.0, eval_batches=0, disable_tqdm=True, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=str(MY_REWARD), args=args,
                           train_dataset=str(REPO / "examples/data/arith"), processing_class=tokenizer)
-    steps = [m for m in trainer.train() if "reward_mean" in m]
+    trainer.train()
+    steps = [m for m in trainer.metrics_history if "reward_mean" in m]
     rewards = [m["reward_mean"] for m in steps]
     correct = [m["rewards/correctness_reward/mean"] for m in steps]
     assert len(rewards) == 30

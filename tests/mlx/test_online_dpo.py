@@ -79,7 +79,7 @@ def load(path, train_type="lora"):
 def make_trainer(cls, model, tokenizer, tmp_path, steps, lr=1e-2, batch_size=4, reward_funcs=(count_target_reward,),
                  **config):
     config_class = XPOConfig if cls is XPOTrainer else OnlineDPOConfig
-    args = config_class(output_dir=str(tmp_path / cls.__name__), max_steps=steps, learning_rate=lr,
+    args = config_class(logging_steps=1, seed=3407, output_dir=str(tmp_path / cls.__name__), max_steps=steps, learning_rate=lr,
                         per_device_train_batch_size=batch_size, lr_scheduler_type="constant", disable_tqdm=True,
                         **{"max_new_tokens": 8, "temperature": 1.0, **config})
     return cls(model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=ROWS, processing_class=tokenizer)
@@ -100,7 +100,8 @@ def first_last(records, key, n=3):
 def test_online_dpo_raises_the_judge_reward(rewarded_model_dir, tmp_path):
     model, tokenizer = load(rewarded_model_dir)
     trainer = make_trainer(OnlineDPOTrainer, model, tokenizer, tmp_path, steps=12)
-    records = steps_of(trainer.train())
+    trainer.train()
+    records = steps_of(trainer.metrics_history)
     first, last = first_last(records, "reward_mean")
     assert last > first + 2.0, [r["reward_mean"] for r in records]  # of at most 8 target tokens per completion
     assert all(r["grad_norm"] > 0 for r in records[:3])
@@ -115,7 +116,8 @@ def test_online_dpo_raises_the_judge_reward(rewarded_model_dir, tmp_path):
 def test_xpo_policy_comes_to_beat_the_reference(rewarded_model_dir, tmp_path):
     model, tokenizer = load(rewarded_model_dir)
     trainer = make_trainer(XPOTrainer, model, tokenizer, tmp_path, steps=10)
-    records = steps_of(trainer.train())
+    trainer.train()
+    records = steps_of(trainer.metrics_history)
     first, last = first_last(records, "objective/model_scores")
     assert last > first + 2.0, [r["objective/model_scores"] for r in records]
     assert first_last(records, "judge/policy_win_rate")[1] > 0.8
@@ -157,7 +159,8 @@ def test_online_dpo_step_equals_the_algorithm_on_the_same_pairs(rewarded_model_d
     recorder = Recorder()
     trainer = make_trainer(OnlineDPOTrainer, model, tokenizer, tmp_path, steps=1, batch_size=3, lr=1e-3,
                            reward_funcs=[recorder], beta=0.5, missing_eos_penalty=1.5)
-    logged = steps_of(trainer.train())[0]
+    trainer.train()
+    logged = steps_of(trainer.metrics_history)[0]
     model.update(tree_unflatten(before))
 
     (prompts, completions, columns), = recorder.calls
@@ -188,7 +191,8 @@ def test_xpo_step_equals_the_algorithm_with_full_finetuning(rewarded_model_dir, 
     recorder = Recorder()
     trainer = make_trainer(XPOTrainer, model, tokenizer, tmp_path, steps=1, batch_size=3, lr=1e-4,
                            reward_funcs=[recorder], beta=0.2, alpha=0.05, temperature=0.0)
-    logged = steps_of(trainer.train())[0]
+    trainer.train()
+    logged = steps_of(trainer.metrics_history)[0]
     model.update(tree_unflatten(before))
 
     (prompts, completions, _), = recorder.calls
@@ -220,7 +224,8 @@ def test_resume_samples_what_the_uninterrupted_run_would(rewarded_model_dir, tmp
         model, tokenizer = load(rewarded_model_dir)
         trainer = make_trainer(OnlineDPOTrainer, model, tokenizer, out, steps=3, batch_size=2, max_new_tokens=4,
                                **config)
-        return steps_of(trainer.train(resume_from_checkpoint=resume))
+        trainer.train(resume_from_checkpoint=resume)
+        return steps_of(trainer.metrics_history)
 
     straight = run(tmp_path / "a")
     run(tmp_path / "b", save_steps=1)
@@ -310,9 +315,10 @@ def test_reward_model_judge_scores_with_the_reward_model(rewarded_model_dir, tmp
     assert judge.reward_model.lm.model.embed_tokens.weight is policy.model.embed_tokens.weight
 
     trainer = OnlineDPOTrainer(model=policy, judge=str(tmp_path / "rm"), train_dataset=ROWS, processing_class=tokenizer,
-                               args=OnlineDPOConfig(output_dir=str(tmp_path / "run"), max_steps=1, max_new_tokens=4,
+                               args=OnlineDPOConfig(logging_steps=1, output_dir=str(tmp_path / "run"), max_steps=1, max_new_tokens=4,
                                                     per_device_train_batch_size=2, disable_tqdm=True))
-    record = steps_of(trainer.train())[0]
+    trainer.train()
+    record = steps_of(trainer.metrics_history)[0]
     assert np.isfinite(record["reward_mean"]) and np.isfinite(record["rewards/rm/mean"])
 
 
@@ -356,7 +362,7 @@ def test_cli_runs_end_to_end(command, model, extra, tiny_model_dir, rewarded_mod
     out = tmp_path / "run"
     result = invoke(command, "--model", base, "--data", prompts_file, "--reward-fn", reward_file, "--iters", 2,
                     "--batch-size", 2, "--max-completion-length", 6, "--beta", 0.2, "--learning-rate", 1e-3,
-                    "--adapter-path", out, *extra)
+                    "--steps-per-report", 1, "--seed", 3407, "--adapter-path", out, *extra)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]

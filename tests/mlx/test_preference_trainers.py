@@ -42,7 +42,8 @@ def load(base, train_type="lora"):
 
 def make_trainer(algo, model, tokenizer, tmp_path, steps, lr, batch_size=2, **config):
     args = getattr(macft, f"{algo.upper()}Config")(
-        output_dir=str(tmp_path / algo), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        logging_steps=1, seed=3407, per_device_eval_batch_size=batch_size, output_dir=str(tmp_path / algo),
+        max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
         lr_scheduler_type="constant", disable_tqdm=True, eval_batches=1, **config)
     return getattr(macft, f"{algo.upper()}Trainer")(model=model, processing_class=tokenizer, args=args,
                                                     train_dataset=TRAIN, eval_dataset=VALID)
@@ -83,7 +84,8 @@ def test_learns_the_preferred_answer(tiny_model_dir, tmp_path, case):
     before = held_out_margin(model, held_out)
 
     trainer = make_trainer(algo, model, tokenizer, tmp_path, steps=10, lr=lr, **config)
-    metrics = trainer.train()
+    trainer.train()
+    metrics = trainer.metrics_history
     after = held_out_margin(model, held_out)
     assert after > before + 5.0, (before, after)
 
@@ -106,7 +108,8 @@ def test_dpo_batched_loss_equals_the_loss_by_hand(tiny_model_dir, tmp_path):
     """Chosen and rejected go through the model as one padded batch; the loss must equal dpo_loss on
     log-probs computed one unpadded sequence at a time (checks the row order, padding and masks)."""
     model, tokenizer = load(tiny_model_dir("llama"))
-    args = macft.DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=4)
+    args = macft.DPOConfig(logging_steps=1, output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=4,
+                           per_device_eval_batch_size=4)
     trainer = macft.DPOTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=VALID[:4],
                                eval_dataset=VALID)
     trainer.prepare()
@@ -169,7 +172,8 @@ def test_cli_trains_end_to_end(tiny_model_dir, tmp_path, algo):
     out = tmp_path / "run"
     extra = ["--reference-model-path", base] if algo in ("dpo", "kto") else []
     result = invoke(algo, "--model", base, "--data", data, "--iters", 2, "--batch-size", 2, "--learning-rate", 1e-2,
-                    "--val-batches", 1, "--adapter-path", out, *flags, *extra)
+                    "--val-batches", 1, "--steps-per-report", 1, "--seed", 3407, "--max-grad-norm", 1.0, "--adapter-path", out,
+                    *flags, *extra)
     assert result.exit_code == 0, result.output
     assert (out / "adapters.safetensors").exists() and (out / "adapter_config.json").exists()
     assert (out / "plots.png").exists()

@@ -58,14 +58,15 @@ def test_reward_model_ranks_held_out_pairs_and_reloads(tiny_model_dir, tmp_path)
     base = tiny_model_dir("llama")
     model, tokenizer = lora_model(base)
     out = tmp_path / "rm"
-    args = RewardConfig(output_dir=str(out), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-3,
+    args = RewardConfig(logging_steps=1, output_dir=str(out), max_steps=20, per_device_train_batch_size=8, learning_rate=1e-3,
                         lr_scheduler_type="constant", disable_tqdm=True, max_length=128)
     held_out = marker_pairs(24, seed=1)
     trainer = RewardTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=marker_pairs(48, seed=0),
                             eval_dataset=held_out)
     chosen, rejected = pair_scores(trainer.reward_model, tokenizer, held_out)
     before = (chosen > rejected).mean()
-    metrics = trainer.train()
+    trainer.train()
+    metrics = trainer.metrics_history
     chosen, rejected = pair_scores(trainer.reward_model, tokenizer, held_out)
     after = (chosen > rejected).mean()
     assert 0.25 <= before <= 0.75, before
@@ -133,7 +134,7 @@ def mean_rollout_reward(trainer, seed=(7, 7)) -> float:
 def ppo_config(tmp_path, **overrides):
     # A low temperature sharpens the tiny model's near-uniform next-token distribution, so that
     # turning its hidden state moves probability mass fast enough to learn in a few rollouts.
-    values = dict(output_dir=str(tmp_path / "ppo"), max_steps=24, per_device_train_batch_size=16, num_mini_batches=1,
+    values = dict(logging_steps=1, output_dir=str(tmp_path / "ppo"), max_steps=24, per_device_train_batch_size=16, num_mini_batches=1,
                   num_ppo_epochs=4, learning_rate=5e-3, lr_scheduler_type="constant", disable_tqdm=True,
                   response_length=3, temperature=0.25, kl_coef=0.02)
     values.update(overrides)
@@ -158,7 +159,8 @@ def test_ppo_raises_a_toy_reward_and_its_value_model_learns_the_returns(tiny_mod
     favoured = favoured_tokens(model)
     before = favoured_probability(model, trainer.prompts[:16], favoured, config.temperature)
     reward_before = mean_rollout_reward(trainer)
-    metrics = trainer.train()
+    trainer.train()
+    metrics = trainer.metrics_history
     after = favoured_probability(model, trainer.prompts[:16], favoured, config.temperature)
     reward_after = mean_rollout_reward(trainer)
     # The exact probability of a favoured first token, not a sample: measured 0.54 -> 0.93..0.99.
@@ -244,7 +246,8 @@ def test_ppo_with_full_fine_tuning_shares_the_frozen_reference(tiny_model_dir, t
     trainer = PPOTrainer(model=model, processing_class=tokenizer, args=config, train_dataset=PROMPTS[:4],
                          reward_funcs=[favoured_token_reward(model, tokenizer)])
     weight_before = np.array(model.model.layers[0].mlp.down_proj.weight)
-    metrics = trainer.train()
+    trainer.train()
+    metrics = trainer.metrics_history
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2]
     # The reference is a frozen copy; the value model's base is that copy's very arrays, under its own LoRA.
     value_layer = trainer.value_model.lm.model.layers[0].mlp.down_proj
@@ -274,14 +277,15 @@ def pairs_file(tmp_path):
     return path
 
 
-SMALL_PPO = ("--batch-size", 2, "--num-ppo-epochs", 1, "--response-length", 4, "--learning-rate", 1e-3)
+SMALL_PPO = ("--batch-size", 2, "--num-ppo-epochs", 1, "--response-length", 4, "--learning-rate", 1e-3,
+             "--steps-per-report", 1)
 
 
 def test_reward_cli_then_ppo_cli_against_it(tiny_model_dir, pairs_file, tmp_path):
     base = tiny_model_dir("llama")
     reward_dir, ppo_dir = tmp_path / "rm", tmp_path / "ppo"
     result = invoke("reward", "--model", base, "--data", pairs_file, "--iters", 2, "--batch-size", 4,
-                    "--adapter-path", reward_dir)
+                    "--steps-per-report", 1, "--adapter-path", reward_dir)
     assert result.exit_code == 0, result.output
     assert "accuracy" in read_metrics(reward_dir)[0] and (reward_dir / "value_head.safetensors").exists()
     assert only_lora_leaves(reward_dir)

@@ -65,11 +65,12 @@ def test_a_trained_head_takes_the_full_logits_path(tiny_model_dir):
 
 def sft_curve(path, out, compile_step, accumulation=1, dropout=0.0, resume=None, steps=4, trainer_class=SFTTrainer):
     model, tokenizer = lora_model(path, dropout=dropout)
-    args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+    args = SFTConfig(logging_steps=1, output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
                      gradient_accumulation_steps=accumulation, disable_tqdm=True, compile_step=compile_step,
                      save_steps=2, lr_scheduler_type="linear", warmup_steps=1)
     trainer = trainer_class(model=model, processing_class=tokenizer, args=args, train_dataset=ROWS)
-    return [(m["loss"], m["grad_norm"]) for m in trainer.train(resume_from_checkpoint=resume) if "grad_norm" in m]
+    trainer.train(resume_from_checkpoint=resume)
+    return [(m["loss"], m["grad_norm"]) for m in trainer.metrics_history if "grad_norm" in m]
 
 
 @pytest.mark.parametrize("accumulation, dropout", [(1, 0.0), (2, 0.1)])
@@ -105,7 +106,7 @@ def test_a_loss_that_cannot_be_traced_trains_uncompiled_after_a_warning(tiny_mod
 
 def test_lora_computes_in_the_input_dtype(tiny_model_dir, tmp_path):
     model, tokenizer = lora_model(tiny_model_dir("llama"), dtype="bfloat16")
-    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, disable_tqdm=True)
+    args = SFTConfig(logging_steps=1, output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=4, disable_tqdm=True)
     SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=ROWS).train()
     layer = model.layers[0].self_attn.q_proj
     assert isinstance(layer, InputDtypeLoRALinear)

@@ -17,11 +17,12 @@ ROWS = [{"messages": [{"role": "user", "content": f"What is the code word {i}?"}
 
 
 def train(model, tokenizer, tmp_path, steps=12, lr=5e-2, **config):
-    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=4,
+    args = SFTConfig(logging_steps=1, output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=4,
                      learning_rate=lr, lr_scheduler_type="constant", disable_tqdm=True, **config)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=ROWS,
                          eval_dataset=ROWS[:4])
-    return trainer, trainer.train()
+    trainer.train()
+    return trainer, trainer.metrics_history
 
 
 def learned(losses, nats=0.8):
@@ -111,10 +112,12 @@ def test_gradient_accumulation_matches_a_larger_batch(tiny_model_dir, tmp_path):
     for batch_size, accumulate in ((4, 1), (2, 2)):
         model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
         FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0)
-        args = SFTConfig(output_dir=str(tmp_path / f"run{batch_size}"), max_steps=2, learning_rate=1.0, optim="sgd",
+        args = SFTConfig(logging_steps=1, output_dir=str(tmp_path / f"run{batch_size}"), max_steps=2, learning_rate=1.0, optim="sgd",
                          per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulate,
                          lr_scheduler_type="constant", disable_tqdm=True, eval_batches=0)
-        metrics = SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=ROWS).train()
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=ROWS)
+        trainer.train()
+        metrics = trainer.metrics_history
         params.append((dict(tree_flatten(model.trainable_parameters())), [m["loss"] for m in metrics if "loss" in m]))
     (p1, l1), (p2, l2) = params
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
@@ -168,17 +171,21 @@ def test_resume_continues_the_same_curve(tiny_model_dir, tmp_path):
         return model, tokenizer
 
     def config(out):
-        return SFTConfig(output_dir=str(out), max_steps=6, learning_rate=1e-2, per_device_train_batch_size=4,
+        return SFTConfig(logging_steps=1, output_dir=str(out), max_steps=6, learning_rate=1e-2, per_device_train_batch_size=4,
                          save_steps=3, lr_scheduler_type="constant", disable_tqdm=True, eval_batches=0)
 
     model, tokenizer = fresh()
-    full = SFTTrainer(model=model, processing_class=tokenizer, args=config(tmp_path / "a"), train_dataset=ROWS).train()
+    full_trainer = SFTTrainer(model=model, processing_class=tokenizer, args=config(tmp_path / "a"), train_dataset=ROWS)
+    full_trainer.train()
+    full = full_trainer.metrics_history
     model, tokenizer = fresh()
     interrupted = config(tmp_path / "b")
     interrupted.max_steps = 3
     SFTTrainer(model=model, processing_class=tokenizer, args=interrupted, train_dataset=ROWS).train()
     model, tokenizer = fresh()
-    resumed = SFTTrainer(model=model, processing_class=tokenizer, args=config(tmp_path / "b"),
-                         train_dataset=ROWS).train(resume_from_checkpoint=tmp_path / "b" / "checkpoints" / "step_3")
+    resumed_trainer = SFTTrainer(model=model, processing_class=tokenizer, args=config(tmp_path / "b"),
+                                 train_dataset=ROWS)
+    resumed_trainer.train(resume_from_checkpoint=tmp_path / "b" / "checkpoints" / "step_3")
+    resumed = resumed_trainer.metrics_history
     losses = lambda ms: [m["loss"] for m in ms if "loss" in m]  # noqa: E731
     np.testing.assert_allclose(losses(resumed), losses(full), rtol=1e-6)
