@@ -14,7 +14,9 @@ from typer.testing import CliRunner
 from macft.cli import COMMON_FLAGS, build_app, finish_values
 
 app = build_app()
-PEER_TRAIN = Path(__file__).resolve().parents[1] / ".venv-peer/lib/python3.11/site-packages/mlx_lm_lora/train.py"
+# mlx-lm-lora's source, where scripts/peer_mlx_lm_lora.sh installed it (.venv-peer); None elsewhere.
+PEER_TRAIN = next(iter(sorted((Path(__file__).resolve().parents[1] / ".venv-peer").glob(
+    "lib/python3*/site-packages/mlx_lm_lora/train.py"))), None)
 
 CHAT = [{"messages": [{"role": "user", "content": f"Name a fruit ({i})."},
                       {"role": "assistant", "content": "Banana."}]} for i in range(6)]
@@ -41,6 +43,8 @@ def run_config(out: Path) -> dict:
 
 def peer_defaults() -> tuple[dict, dict]:
     """(CONFIG_DEFAULTS, argparse defaults) of mlx-lm-lora's train.py, read with ast (no import)."""
+    if PEER_TRAIN is None:
+        pytest.skip("mlx-lm-lora is not installed in .venv-peer (scripts/peer_mlx_lm_lora.sh)")
     tree = ast.parse(PEER_TRAIN.read_text())
     config = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
                   and getattr(node.targets[0], "id", None) == "CONFIG_DEFAULTS")
