@@ -66,7 +66,7 @@ def hf_generate(model, inputs=None, **kwargs):
     seed = kwargs.pop("seed", None)
     if seed is not None:
         torch.manual_seed(int(seed))
-    config_values = hf._config_values(kwargs.get("generation_config"))
+    config_values = hf.generation_config_values(kwargs.get("generation_config"))
     tokenizer = kwargs.get("tokenizer") or getattr(getattr(model, "macft", None), "tokenizer", None)
     if "eos_token_id" not in kwargs and "eos_token_id" not in config_values:
         eos = eos_token_ids(model, tokenizer) if tokenizer is not None else None

@@ -131,11 +131,9 @@ _LLAMA31 = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
 )
 
-# Gemma 1/2/3: BOS, <start_of_turn>user|model\n content(trimmed) <end_of_turn>\n; turns must
-# alternate. A system message opens the first user turn (Gemma 3's rule; Gemma 1/2's own
-# template refuses system messages). List contents (Gemma 3 multimodal) keep their text parts.
-_GEMMA = (
-    "{{- bos_token }}"
+# For families without a system role (Gemma, Mistral): a system message opens the first user
+# turn (first_user_prefix), and the other turns must alternate user/assistant.
+_SYSTEM_INTO_FIRST_USER = (
     "{%- if messages and messages[0]['role'] == 'system' %}"
     "{%- set first_user_prefix = messages[0]['content'] + '\n\n' %}{%- set loop_messages = messages[1:] %}"
     "{%- else %}"
@@ -145,6 +143,14 @@ _GEMMA = (
     "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
     "{%- endif %}"
+)
+
+# Gemma 1/2/3: BOS, <start_of_turn>user|model\n content(trimmed) <end_of_turn>\n; turns must
+# alternate. A system message opens the first user turn (Gemma 3's rule; Gemma 1/2's own
+# template refuses system messages). List contents (Gemma 3 multimodal) keep their text parts.
+_GEMMA = (
+    "{{- bos_token }}"
+    + _SYSTEM_INTO_FIRST_USER +
     "{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n'"
     " + (first_user_prefix if loop.first else '') }}"
     "{%- if message['content'] is string %}{{- message['content'] | trim }}"
@@ -182,15 +188,7 @@ _PHI4 = (
 # role, so a system message opens the first user message.
 _MISTRAL = (
     "{{- bos_token }}"
-    "{%- if messages and messages[0]['role'] == 'system' %}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' %}{%- set loop_messages = messages[1:] %}"
-    "{%- else %}"
-    "{%- set first_user_prefix = '' %}{%- set loop_messages = messages %}"
-    "{%- endif %}"
-    "{%- for message in loop_messages %}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{%- endif %}"
+    + _SYSTEM_INTO_FIRST_USER +
     "{%- if message['role'] == 'user' %}"
     "{{- '[INST] ' + (first_user_prefix if loop.first else '') + message['content'] + ' [/INST]' }}"
     "{%- else %}{{- message['content'] + eos_token }}{%- endif %}"

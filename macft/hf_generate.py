@@ -119,7 +119,7 @@ def eos_ids_of(*sources) -> list[int]:
     return ids
 
 
-def _config_values(config) -> dict:
+def generation_config_values(config) -> dict:
     """The non-default fields of a ``generation_config=`` argument (GenerationConfig or dict)."""
     if config is None:
         return {}
@@ -165,7 +165,7 @@ def resolve_settings(kwargs: dict, *, model_defaults: dict, model_eos_ids: list[
     known = set(HF_DEFAULTS) | {"max_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id"}
     given = {k: kwargs.pop(k) for k in list(kwargs) if k in known}
     from_call = {k: v for k, v in given.items() if v is not None}  # None: "the default", as in transformers
-    from_config = _config_values(kwargs.pop("generation_config", None))
+    from_config = generation_config_values(kwargs.pop("generation_config", None))
     check_unsupported({k: v for k, v in from_config.items() if k in NEUTRAL_VALUES}, where)
     check_unsupported(kwargs, where)
     values = {**HF_DEFAULTS, **{k: v for k, v in model_defaults.items() if v is not None},

@@ -94,21 +94,15 @@ def apply_formatting_func(rows, formatting_func) -> Rows:
                 getattr(rows, "line_numbers", None))
 
 
-def data_columns(args, text_field: str | None = None) -> dict | None:
-    """The column mapping the data loaders take: ``args.dataset_columns``, plus TRL's
-    dataset_text_field when it names a column other than "text"."""
+def data_options(args, tokenizer, text_field: str | None = None) -> dict:
+    """Keyword arguments for the data loaders (``macft.data``) from a config: the column mapping
+    (``args.dataset_columns``, plus TRL's dataset_text_field when it names a column other than
+    "text"), and mlx-lm-lora's reading of string rows where the config asks for it (the command
+    line) and the tokenizer has a chat template to render them with (else strings stay as written)."""
+    options = {}
     columns = dict(args.dataset_columns or {})
     if text_field and text_field != "text":
         columns.setdefault("text", text_field)
-    return columns or None
-
-
-def data_options(args, tokenizer, text_field: str | None = None) -> dict:
-    """Keyword arguments for the data loaders (``macft.data``) from a config: the column mapping,
-    and mlx-lm-lora's reading of string rows where the config asks for it (the command line) and
-    the tokenizer has a chat template to render them with (else strings stay as written)."""
-    options = {}
-    columns = data_columns(args, text_field)
     if columns:
         options["columns"] = columns
     if getattr(args, "strings_as_chat", False) and has_chat_template(tokenizer):
