@@ -219,23 +219,29 @@ def trainable_parameter_count(model) -> int:
 
 
 def adapter_weights(model) -> dict:
-    """mlx-lm names -> float32 CPU tensors of every adapter parameter (lora_a, lora_b, m)."""
+    """mlx-lm names -> float32 CPU tensors of every adapter parameter (lora_a, lora_b, m). On a
+    sharded (FSDP) model each is gathered whole: a collective, so every rank must call it."""
     weights = {}
     for name, module in lora_modules(model):
         for leaf in ADAPTER_LEAVES:
             if hasattr(module, leaf) and isinstance(getattr(module, leaf), nn.Parameter):
-                weights[f"{name}.{leaf}"] = getattr(module, leaf).detach().float().cpu().contiguous()
+                value = getattr(module, leaf).detach()
+                if hasattr(value, "full_tensor"):  # a DTensor shard
+                    value = value.full_tensor()
+                weights[f"{name}.{leaf}"] = value.float().cpu().contiguous()
     return weights
 
 
 # ----------------------------------------------------------------------------- saving / loading
 
 
-def save_adapter(model, directory, extra_config: dict | None = None):
+def save_adapter(model, directory, extra_config: dict | None = None, tensors: dict | None = None):
     """Write the adapter directory atomically (the same files as ``macft.mlx.model.save_adapter``).
 
     LoRA/DoRA: ``adapters.safetensors`` (mlx-lm) + ``adapter_config.json``, plus (LoRA)
     ``adapter_model.safetensors`` with PEFT's names. Full fine-tuning: a complete model directory.
+    ``tensors``: the weights to write when the model's own are shards (FSDP): ``adapter_weights``
+    or, for full fine-tuning, the whole state dict, gathered on every rank beforehand.
     """
     from safetensors.torch import save_file
 
@@ -247,9 +253,9 @@ def save_adapter(model, directory, extra_config: dict | None = None):
         if settings.fine_tune_type == "full":
             from cuda_bridge.model import save_full_model
 
-            save_full_model(model, tmp)
+            save_full_model(model, tmp, state_dict=tensors)
         else:
-            weights = adapter_weights(model)
+            weights = tensors if tensors is not None else adapter_weights(model)
             if not weights:
                 raise ValueError("the model's adapter settings say LoRA/DoRA but it has no adapter layers")
             _check_uniform(model)

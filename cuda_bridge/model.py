@@ -42,7 +42,12 @@ _MLX_QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The GPU (under torchrun, this rank's: ``cuda:LOCAL_RANK``, made current), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from cuda_bridge.distributed import launch_device
+
+    return launch_device() or torch.device("cuda")
 
 
 def default_dtype(device) -> torch.dtype:
@@ -325,9 +330,11 @@ def quantize_model(model, group_size: int = 64, bits: int = 4):
 # ----------------------------------------------------------------------------- full models
 
 
-def save_full_model(model, directory):
+def save_full_model(model, directory, state_dict: dict | None = None):
     """Write the whole (fully fine-tuned) model as a model directory that transformers, mlx_lm and
-    both macft backends load: safetensors under the shared names, config.json, tokenizer files."""
+    both macft backends load: safetensors under the shared names, config.json, tokenizer files.
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (a sharded model's,
+    gathered whole beforehand)."""
     from safetensors.torch import save_file
 
     from convert.files import copy_side_files, write_weight_shards
@@ -336,7 +343,7 @@ def save_full_model(model, directory):
     info: ModelInfo = model.macft
     directory = Path(directory)
     weights = {}
-    for name, value in model.state_dict().items():
+    for name, value in (model.state_dict() if state_dict is None else state_dict).items():
         if value.dtype == torch.int32 and name.endswith(".weight"):
             value = to_uint32(value)  # MLX's packed words
         weights[name] = value.detach().cpu().contiguous()

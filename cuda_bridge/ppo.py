@@ -122,6 +122,8 @@ class PPOTrainer(PPOLogic, TorchOnline, Trainer):
         """The policy adapter in ``directory`` (loads on MLX too); the value model in ``directory/value_model``."""
         from cuda_bridge.lora import save_adapter
 
+        if directory is None:  # a rank other than 0 (macft.training.TrainingLoop.save_model)
+            return
         save_adapter(self.policy, directory)
         save_scalar_model(self.value_model, self.value_model_dir(directory))
 

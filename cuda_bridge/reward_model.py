@@ -78,7 +78,8 @@ class RewardTrainer(RewardAlgorithm, Trainer):
         self.model.head.weight.requires_grad_(True)
 
     def save_model(self, directory):
-        save_scalar_model(self.model, directory)
+        if directory is not None:  # None: a rank other than 0 (macft.training.TrainingLoop.save_model)
+            save_scalar_model(self.model, directory)
 
     def load_model_weights(self, directory):
         load_scalar_weights(self.model, directory)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import typer
 
+from macft.distributed import launched_rank
+
 # Plain click help (rich_markup_mode=None): Rich's markup would eat each flag's "[default: X]", and its
 # table cuts long flag names (--gradient-accumulation-steps) at 80 columns.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -63,6 +65,8 @@ COMMON_FLAGS = (
     Flag("max_grad_norm", ("--max-grad-norm",), float, 0.0, "Clip the gradient norm (0: off, as mlx-lm-lora)."),
     Flag("max_seq_length", ("--max-seq-length",), int, 2048, "Truncate samples to this many tokens."),
     Flag("grad_checkpoint", ("--grad-checkpoint",), bool, False, "Recompute activations in the backward pass to save memory."),
+    Flag("fsdp", ("--fsdp",), bool, False,
+         "Under torchrun (cuda_bridge): shard the model over the ranks with FSDP2 instead of a copy per rank."),
     Flag("adapter_path", ("--adapter-path", "--output-dir"), str, "adapters", "Run directory: adapter, metrics.jsonl, checkpoints."),
     Flag("resume_adapter_file", ("--resume-adapter-file",), str, None,
          "Start from these adapter weights (an adapters.safetensors); a new run, not a resume."),
@@ -761,6 +765,7 @@ def training_config_values(values: dict) -> dict:
         "save_steps": values["save_every"],
         "save_total_limit": values["keep_checkpoints"],
         "gradient_checkpointing": bool(values["grad_checkpoint"]),
+        "fsdp": "full_shard" if values.get("fsdp") else None,
         "lr_scheduler_kwargs": None,
         "report_to": "none",
         "nan_patience": values["nan_patience"],
@@ -827,7 +832,8 @@ def print_resolved(command: str, values: dict):
             line = "  "
         line += " " + part
     lines.append(line)
-    typer.echo("\n".join(lines))
+    if launched_rank() == 0:
+        typer.echo("\n".join(lines))
 
 
 def resume_path(values: dict):
@@ -851,7 +857,8 @@ def print_summary(metrics, output_dir, keys=("loss",)):
             # "first -> last" only where there are two values: one evaluation is no change.
             change = f"{values[0]:.4f} -> {values[-1]:.4f}" if len(values) > 1 else f"{values[0]:.4f}"
             parts.append(f"{name} {change}")
-    typer.echo(f"{'; '.join(parts)}. Adapter and metrics in {output_dir}")
+    if launched_rank() == 0:
+        typer.echo(f"{'; '.join(parts)}. Adapter and metrics in {output_dir}")
 
 
 def logged_metrics(output_dir) -> list[dict]:

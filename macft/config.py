@@ -164,6 +164,9 @@ class TrainingConfig(metaclass=_AcceptsTRLSettings):
     nan_patience: int = 3
     # MLX: compile the training step (mx.compile). None: on where MLX runs on a GPU, off on the CPU.
     compile_step: bool | None = None
+    # cuda_bridge under torchrun: shard the model with FSDP2 (transformers' name; "full_shard" or
+    # True: fully_shard per decoder block). None/False/"": data parallel with whole copies (DDP).
+    fsdp: str | bool | None = None
     report_to: str | list | None = "none"  # metrics go to metrics.jsonl (and the progress bar)
     disable_tqdm: bool | None = None
     # Applied when the trainer loads the model itself (model= a path); a model from

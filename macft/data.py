@@ -65,6 +65,8 @@ from pathlib import Path
 
 import numpy as np
 
+from macft.distributed import launched_rank
+
 
 class DataError(ValueError):
     """Bad training data; the message names the file:line, row, key or split."""
@@ -415,7 +417,7 @@ def _report_formats(source: str, formats: list[str], notes: tuple = ()):
         described = "formats " + "; ".join(f"{FORMAT_DESCRIPTIONS[name]}: {count} rows"
                                            for name, count in counts.items())
     line = f"{source}: {len(formats)} rows, {described}" + "".join(f"; {note}" for note in notes)
-    if line != _last_format_line:
+    if line != _last_format_line and launched_rank() == 0:
         print(line, file=sys.stderr, flush=True)
         _last_format_line = line
 # ---------------------------------------------------------------------------------------------

@@ -217,7 +217,8 @@ def remove_if_empty(path) -> bool:
         return False
     if any(not p.is_dir() or p.is_symlink() for p in path.rglob("*")):
         return False
-    shutil.rmtree(path)
+    # Ignoring errors: the ranks of a distributed run that stopped together may remove it at once.
+    shutil.rmtree(path, ignore_errors=True)
     return True
 
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from macft.atomic import atomic_write_json
 from macft.config import TrainingConfig
+from macft.distributed import SINGLE_PROCESS, World, combine_step_results, gradient_shares
 from macft.trainer_arguments import (TrainerState, adapter_summary, load_model_for_trainer, resolve_trainer_arguments,
                                      train_output)
 from macft.errors import TrainingError, TrainingInterrupted
@@ -60,11 +61,14 @@ _RESUME_FREE_FIELDS = {"output_dir", "overwrite_output_dir", "max_steps", "num_t
                        "report_to", "disable_tqdm", "nan_patience", "logging_dir", "dataloader_num_workers",
                        "use_cpu", "bf16", "fp16", "compile_step", "eval_strategy", "save_strategy",
                        "logging_first_step", "gradient_checkpointing", "dataset_num_proc", "remove_unused_columns",
-                       "eval_on_start"}
+                       "eval_on_start", "gradient_accumulation_steps"}
 # Fields that fix the data position and the random streams: a resume that changes them cannot
-# continue the same run.
-_RESUME_FIXED_FIELDS = ("seed", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
-                        "num_iterations", "num_ppo_epochs", "num_mini_batches")
+# continue the same run. (gradient_accumulation_steps times the number of ranks is checked apart:
+# a run resumes on another number of ranks when the global batch is the same.)
+_RESUME_FIXED_FIELDS = ("seed", "per_device_train_batch_size", "num_generations", "num_iterations",
+                        "num_ppo_epochs", "num_mini_batches")
+# Config fields that may differ between the ranks of one run.
+_PER_RANK_FIELDS = {"local_rank", "dataloader_num_workers", "disable_tqdm"}
 # The adapter settings a resume must keep (the checkpoint's weights have their shape and scale), with
 # the Python argument that sets each; the CLI names its flags instead (macft.cli.ADAPTER_FLAGS).
 ADAPTER_ARGUMENTS = {"fine_tune_type": "the fine-tune type (get_peft_model's use_dora=, from_pretrained's "
@@ -105,6 +109,7 @@ class TrainingLoop:
         self.state = TrainerState(step=0, epoch=0, batch_in_epoch=0)
         self.metrics_history: list[dict] = []  # metrics.jsonl's records after train()
         self.resumed_from: Path | None = None
+        self.world: World = SINGLE_PROCESS  # made by the backend when train() starts (macft.distributed)
         self.step_metrics: dict = {}
         self.data_files: list = []
         self._progress_bar = None  # while the loop runs, so that a warning can clear it first
@@ -142,6 +147,11 @@ class TrainingLoop:
         return iter(())
 
     # -- backend hooks (macft.mlx.trainer.Trainer, cuda_bridge.trainer.Trainer)
+    def make_world(self) -> World:
+        """The ranks of this run (``macft.distributed.World``); one process unless launched by the
+        backend's distributed launcher."""
+        return SINGLE_PROCESS
+
     def seed(self, seed: int):
         """Seed the backend's random generator (and numpy's)."""
         raise NotImplementedError
@@ -150,10 +160,12 @@ class TrainingLoop:
         """Check there is something to train, switch to training mode, make ``self.optimizer``."""
         raise NotImplementedError
 
-    def compute_gradients(self, micro: list) -> tuple[float, dict, float]:
-        """Accumulate the gradient over one step's micro-batches (each counts ``batch_weight / sum of
-        weights``) and keep it for ``apply_gradients``; return (loss, metrics, grad_norm) as floats,
-        the norm taken before clipping."""
+    def compute_gradients(self, micro: list, shares: list[float]) -> tuple[float, dict, float]:
+        """Accumulate the gradient over this rank's micro-batches of the step, micro-batch i counting
+        ``shares[i]`` (its weight over the whole step's, on every rank), sum it over the ranks
+        (``self.world``) and keep it for ``apply_gradients``. ``micro`` is empty on a rank with no
+        part in a short last step, which still takes part in the sum. Returns (sum of share x loss,
+        sum of share x each metric, norm of the summed gradient before clipping) as floats."""
         raise NotImplementedError
 
     def apply_gradients(self, learning_rate: float):
@@ -181,13 +193,16 @@ class TrainingLoop:
         return "cpu"
 
     def save_model(self, directory):
+        """Write the trained weights to ``directory``; called on every rank, with None on all but rank 0
+        (a backend whose weights are sharded gathers them there and writes nothing)."""
         raise NotImplementedError
 
     def load_model_weights(self, directory):
         """Restore the trained weights that ``save_model`` wrote (on resume)."""
         raise NotImplementedError
 
-    def save_optimizer_state(self, directory: Path):
+    def save_optimizer_state(self, directory: Path | None):
+        """As ``save_model``: every rank calls it, rank 0 with the directory, the others with None."""
         raise NotImplementedError
 
     def load_optimizer_state(self, directory: Path):
@@ -216,8 +231,13 @@ class TrainingLoop:
     def total_steps(self) -> int:
         if self.args.max_steps and self.args.max_steps > 0:
             return self.args.max_steps
-        per_epoch = math.ceil(self.steps_per_epoch() / self.args.gradient_accumulation_steps)
+        per_epoch = math.ceil(self.steps_per_epoch() / self.global_accumulation_steps)
         return max(1, math.ceil(per_epoch * self.args.num_train_epochs))
+
+    @property
+    def global_accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step over every rank: gradient_accumulation_steps x ranks."""
+        return self.args.gradient_accumulation_steps * self.world.size
 
     def warmup_steps(self) -> int:
         """warmup_steps (a fraction of the total steps when below 1, as in transformers 5), else
@@ -254,7 +274,7 @@ class TrainingLoop:
         return max(1, math.ceil(value * self.total_steps())) if value < 1 else int(value)
 
     def optimizer_steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.steps_per_epoch() / self.args.gradient_accumulation_steps))
+        return max(1, math.ceil(self.steps_per_epoch() / self.global_accumulation_steps))
 
     def logs_after(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) is logged to metrics.jsonl (the last one always is)."""
@@ -291,22 +311,29 @@ class TrainingLoop:
     def _train(self, resume_from_checkpoint=None):
         from tqdm import tqdm
 
-        if not resume_from_checkpoint:
+        self.world = self.make_world()
+        main = self.world.is_main
+        if not resume_from_checkpoint and main:
             self._start_clean()  # before anything is written: a refusal leaves the directory as it was
-        self.run.check_writable()  # before the (possibly long) data preparation
+        if main:
+            self.run.check_writable()  # before the (possibly long) data preparation
         self.seed(self.args.seed)
         np.random.seed(self.args.seed % (2**32))
         random.seed(self.args.seed)
         self.prepare()
+        self.check_ranks_agree()
         self.begin_training()
-        self.run.check_free_space(self.checkpoint_size_estimate(), what="one checkpoint")
-        self.run.remove_stale_temp()
+        if main:
+            self.run.check_free_space(self.checkpoint_size_estimate(), what="one checkpoint")
+            self.run.remove_stale_temp()
+        self.world.barrier()  # the other ranks read nothing rank 0 is still clearing
         if resume_from_checkpoint:
             self.load_checkpoint(resume_from_checkpoint)
         else:
             self._disk_write(self.run.metrics_path, lambda: self.run.metrics_path.unlink(missing_ok=True))
         self._disk_write(self.run.path / "run.json", self.write_run_json)
-        print(format_settings(type(self).__name__, self.resolved_settings()), flush=True)
+        if main:
+            print(format_settings(type(self).__name__, self.resolved_settings()), flush=True)
         if self.args.eval_on_start and self.state["step"] == 0:
             self.evaluate_and_log()  # the loss before training (mlx-lm-lora's first report)
 
@@ -314,7 +341,7 @@ class TrainingLoop:
         batches = self._step_batches()
         started_at, first_step, losses = time.perf_counter(), self.state["step"], []
         bar = tqdm(total=total, initial=self.state["step"], desc=type(self).__name__, unit="step",
-                   disable=bool(self.args.disable_tqdm), dynamic_ncols=True)
+                   disable=bool(self.args.disable_tqdm) or not main, dynamic_ncols=True)
         self._progress_bar = bar
         self.reset_peak_memory()
         stop = _StopRequest(bar, self.run.latest_checkpoint, lambda: self.state["step"])
@@ -328,7 +355,9 @@ class TrainingLoop:
                 started = time.perf_counter()
                 micro = next(batches)
                 self._reseed(step)
-                loss, metrics, grad_norm = self.compute_gradients(micro)
+                loss, metrics, grad_norm = self.step_gradients(micro)
+                result = self._step_result(micro, loss, metrics, stop.signum)
+                loss, metrics = result["loss"], result["metrics"]
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
                 if finite:
                     self.apply_gradients(self.learning_rate_at(step))
@@ -339,7 +368,7 @@ class TrainingLoop:
                     nonfinite.append(step + 1)
                 elapsed = time.perf_counter() - started
                 self.state["step"] = step + 1
-                record = self._step_record(step, micro, loss, metrics, grad_norm, elapsed)
+                record = self._step_record(step, result, grad_norm, elapsed)
                 if not finite:
                     record["skipped"] = True
                     self._warn(f"step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}; skipped the "
@@ -350,8 +379,8 @@ class TrainingLoop:
                     self._stop_after_nonfinite(nonfinite)
                 bar.set_postfix(progress_postfix(record))
                 bar.update(1)
-                if stop.signum is not None:
-                    raise self._interrupted(stop.signum)
+                if result["stop"] is not None:  # a signal to any rank stops them all
+                    raise self._interrupted(result["stop"])
                 if self.evaluates_after(step + 1):
                     self.evaluate_and_log()
                 if self.saves_after(step + 1):
@@ -360,20 +389,46 @@ class TrainingLoop:
             stop.restore()
             bar.close()  # so an error message starts on its own line
             self._progress_bar = None
-        if not self.run.has_evaluation_at(self.state["step"]):  # resuming a finished run logs it once
+        # Resuming a finished run logs the final evaluation once; rank 0's file decides for every rank.
+        if self.world.gather(not self.run.has_evaluation_at(self.state["step"]))[0]:
             self.evaluate_and_log()
         self.save_checkpoint()
-        self._disk_write(self.args.output_dir, lambda: self.save_model(self.args.output_dir))
+        if main:
+            self._disk_write(self.args.output_dir, lambda: self.save_model(self.args.output_dir))
+        else:
+            self.save_model(None)
         self._disk_write(self.run.path / "plots.png", lambda: self.run.plot(list(self.metric_curves)))
+        self.world.barrier()  # every rank returns once rank 0's files exist
         self.set_training_mode(False)
         return self._train_output(time.perf_counter() - started_at, self.state["step"] - first_step, losses)
+
+    def check_ranks_agree(self):
+        """Every rank must train the same thing: compare config, data and model with rank 0's."""
+        if self.world.size == 1:
+            return
+        config = {k: v for k, v in json.loads(json.dumps(self.args.to_dict(), default=str)).items()
+                  if k not in _PER_RANK_FIELDS}
+        facts = self.model_facts()
+        values = {**{f"config {k}": v for k, v in config.items()},
+                  **{f"data {k}": v for k, v in self._data_hashes().items()},
+                  "model": {k: facts.get(k) for k in ("name_or_path", "load_bits", "peft", "model_type")},
+                  "micro-batches per epoch": self.steps_per_epoch()}
+        self.world.check_agree(values, "run")
+
+    def _step_result(self, micro, loss, metrics, stop_signal) -> dict:
+        """This step over every rank: summed losses and metrics (each rank's already weighted by its
+        share of the step), tokens, rollout statistics, peak memory, and any stop signal."""
+        local = {"loss": loss, "metrics": metrics, "tokens": sum(self.batch_tokens(b) for b in micro),
+                 "peak_memory_gb": self.peak_memory_gb(), "stop": stop_signal, "step_metrics": self.step_metrics}
+        self.step_metrics = {}
+        return combine_step_results(self.world.gather(local))
 
     def _train_output(self, seconds: float, steps: int, losses: list) -> tuple:
         """transformers' TrainOutput(global_step, training_loss, metrics) of this train() call; the
         logged records are ``self.metrics_history`` and, with the summary after them,
         ``self.state.log_history`` (where TRL scripts read them)."""
         epoch = self.state["epoch"] + self.state["batch_in_epoch"] / max(1, self.steps_per_epoch())
-        samples = steps * self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        samples = steps * self.args.per_device_train_batch_size * self.global_accumulation_steps
         training_loss = sum(losses) / len(losses) if losses else float("nan")
         metrics = {"train_runtime": round(seconds, 4),
                    "train_samples_per_second": round(samples / seconds, 3) if seconds > 0 else 0.0,
@@ -391,7 +446,8 @@ class TrainingLoop:
         settings = {"algorithm": type(self).__name__, "learning_rate": a.learning_rate,
                     "lr_scheduler_type": a.lr_scheduler_type, "warmup_steps": self.warmup_steps(),
                     "per_device_train_batch_size": a.per_device_train_batch_size,
-                    "gradient_accumulation_steps": a.gradient_accumulation_steps, "total_steps": total,
+                    "gradient_accumulation_steps": a.gradient_accumulation_steps, "world_size": self.world.size,
+                    "total_steps": total,
                     "epochs": round(total / self.optimizer_steps_per_epoch(), 4), "seed": a.seed,
                     "optim": a.optim}
         if hasattr(a, "max_length"):  # the length the data was cut to (SFT: the model's max_seq_length bounds it)
@@ -423,15 +479,14 @@ class TrainingLoop:
         np.random.seed(seed)
         random.seed(seed)
 
-    def _step_record(self, step, micro, loss, metrics, grad_norm, elapsed) -> dict:
-        tokens = sum(self.batch_tokens(b) for b in micro)
-        record = {"step": step + 1, "epoch": round(self.state["epoch"] + self.state["batch_in_epoch"]
-                                                   / max(1, self.steps_per_epoch()), 4),
-                  "loss": loss, "learning_rate": self.learning_rate_at(step), "grad_norm": grad_norm,
-                  "tokens": tokens, "tokens_per_sec": tokens / elapsed if elapsed > 0 else 0.0,
-                  "step_time_s": elapsed, "peak_memory_gb": self.peak_memory_gb(), **metrics, **self.step_metrics}
-        self.step_metrics = {}
-        return record
+    def _step_record(self, step, result, grad_norm, elapsed) -> dict:
+        tokens = result["tokens"]
+        return {"step": step + 1, "epoch": round(self.state["epoch"] + self.state["batch_in_epoch"]
+                                                 / max(1, self.steps_per_epoch()), 4),
+                "loss": result["loss"], "learning_rate": self.learning_rate_at(step), "grad_norm": grad_norm,
+                "tokens": tokens, "tokens_per_sec": tokens / elapsed if elapsed > 0 else 0.0,
+                "step_time_s": elapsed, "peak_memory_gb": result["peak_memory_gb"], **result["metrics"],
+                **result["step_metrics"]}
 
     def _warn(self, message: str):
         warnings.warn(message, TrainingWarning, stacklevel=3)
@@ -464,8 +519,10 @@ class TrainingLoop:
             f"{resume_command(sys.argv, saved)}", exit_code=128 + signum, checkpoint=saved)
 
     def _disk_write(self, path, write):
-        """Run ``write()``; a failure of the disk (full, read-only, permissions) becomes a TrainingError
-        naming ``path`` and the checkpoint that is still intact."""
+        """Run ``write()`` on rank 0 (the only rank that writes); a failure of the disk (full, read-only,
+        permissions) becomes a TrainingError naming ``path`` and the checkpoint that is still intact."""
+        if not self.world.is_main:
+            return None
         try:
             return write()
         except (OSError, RuntimeError) as e:
@@ -480,18 +537,23 @@ class TrainingLoop:
                                 f"{kept}. Free some space or choose another --adapter-path/output_dir") from e
 
     def _step_batches(self):
-        """Groups micro-batches into optimizer steps, continuing across epochs from the saved position."""
-        accumulate = self.args.gradient_accumulation_steps
+        """Groups the epoch's micro-batches into optimizer steps of ``global_accumulation_steps``,
+        continuing across epochs from the saved position; yields this rank's part of each step (the
+        micro-batches it ``owns``). ``micro_batches`` may yield None for a micro-batch another rank
+        owns (it need not make it); one it makes anyway is dropped here."""
+        accumulate = self.global_accumulation_steps
         while True:
-            pending = []
+            pending, count = [], 0
             skip = self.state["batch_in_epoch"]
             for index, batch in enumerate(self.micro_batches(self.state["epoch"], skip=skip), start=skip):
-                pending.append(batch)
-                if len(pending) == accumulate:
+                count += 1
+                if self.owns_micro_batch(index):
+                    pending.append(batch)
+                if count == accumulate:
                     self.state["batch_in_epoch"] = index + 1
                     yield pending
-                    pending = []
-            if pending:
+                    pending, count = [], 0
+            if count:
                 self.state["batch_in_epoch"] = 0
                 self.state["epoch"] += 1
                 yield pending
@@ -499,19 +561,20 @@ class TrainingLoop:
                 self.state["epoch"] += 1
                 self.state["batch_in_epoch"] = 0
 
-    def micro_batch_shares(self, micro: list) -> list[float]:
-        """Each micro-batch's share of its accumulated step (token-weighted for SFT)."""
-        weights = [self.batch_weight(b) for b in micro]
-        total_weight = sum(weights)
-        if total_weight <= 0:
-            raise TrainingError("a training step has no target tokens: check the data's masks")
-        return [w / total_weight for w in weights]
+    def step_gradients(self, micro: list) -> tuple[float, dict, float]:
+        """``compute_gradients`` of this rank's micro-batches, each with its share of the whole step."""
+        return self.compute_gradients(micro, gradient_shares(self.world, [self.batch_weight(b) for b in micro]))
+
+    def owns_micro_batch(self, index: int) -> bool:
+        """Whether this rank computes the epoch's micro-batch ``index``: ``micro_batches`` may yield
+        None for the others instead of making them (a rollout, say)."""
+        return self.world.owns(index)
 
     # -- evaluation
     def evaluate(self) -> dict:
         """Weighted mean loss over the evaluation batches, plus the metrics' means."""
-        batches = list(self.evaluate_batches())
-        if not batches:
+        batches = [batch for index, batch in enumerate(self.evaluate_batches()) if self.world.owns(index)]
+        if not batches and self.world.size == 1:
             return {}
         self.set_training_mode(False)
         total, weight_sum, metric_sums = 0.0, 0.0, {}
@@ -523,6 +586,12 @@ class TrainingLoop:
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + value * weight
         self.set_training_mode(True)
+        if self.world.size > 1:  # each rank evaluated its share of the batches
+            sums = self.world.gather([total, weight_sum, metric_sums])
+            total, weight_sum = sum(s[0] for s in sums), sum(s[1] for s in sums)
+            metric_sums = {k: sum(s[2].get(k, 0.0) for s in sums) for k in sums[0][2]}
+            if not weight_sum:
+                return {}
         result = {"eval_loss": total / weight_sum}
         result.update({f"eval_{k}": v / weight_sum for k, v in metric_sums.items()})
         return result
@@ -541,14 +610,23 @@ class TrainingLoop:
                  "data": self._data_hashes(), "model": self.model_facts(),
                  "rng": "reseeded from (seed, step) each step; rollouts from (seed, epoch, index)"}
 
+        state["world_size"] = self.world.size
+
         def write(tmp: Path):
             self.save_model(tmp / "adapter")
             self.save_optimizer_state(tmp)
             atomic_write_json(tmp / TRAINER_STATE, state)
 
         target = self.run.checkpoints / f"step_{self.state['step']}"
-        return self._disk_write(target, lambda: self.run.save_checkpoint(self.state["step"], write,
-                                                                          keep=self.args.save_total_limit))
+        if not self.world.is_main:
+            self.save_model(None)  # a sharded model is gathered on every rank
+            self.save_optimizer_state(None)
+            self.world.barrier()
+            return target
+        saved = self._disk_write(target, lambda: self.run.save_checkpoint(self.state["step"], write,
+                                                                           keep=self.args.save_total_limit))
+        self.world.barrier()  # the checkpoint exists before any rank goes on (or stops)
+        return saved
 
     def load_checkpoint(self, checkpoint):
         checkpoint = Path(checkpoint)
@@ -576,12 +654,17 @@ class TrainingLoop:
         position and the random streams would not match), other config or data changes a warning."""
         config = json.loads(json.dumps(self.args.to_dict(), default=str))
         saved_config = saved.get("config") or {"seed": saved.get("seed")}
-        fixed = [k for k in _RESUME_FIXED_FIELDS if k in saved_config and k in config
-                 and saved_config[k] != config[k]]
+        fixed = [f"{k} is {config[k]!r} here but {saved_config[k]!r} in the checkpoint" for k in _RESUME_FIXED_FIELDS
+                 if k in saved_config and k in config and saved_config[k] != config[k]]
+        saved_world = int(saved.get("world_size") or 1)
+        saved_accumulation = saved_config.get("gradient_accumulation_steps")
+        if saved_accumulation is not None and saved_accumulation * saved_world != self.global_accumulation_steps:
+            fixed.append(f"gradient_accumulation_steps x ranks is {self.args.gradient_accumulation_steps} x "
+                         f"{self.world.size} here but {saved_accumulation} x {saved_world} in the checkpoint (the "
+                         "global batch must stay the same)")
         if fixed:
-            raise TrainingError(f"cannot resume from {checkpoint}: " + ", ".join(
-                f"{k} is {config[k]!r} here but {saved_config[k]!r} in the checkpoint" for k in fixed)
-                + "; resume with the checkpoint's values or start a new run")
+            raise TrainingError(f"cannot resume from {checkpoint}: " + ", ".join(fixed)
+                                + "; resume with the checkpoint's values or start a new run")
         changed = [k for k in sorted(set(config) & set(saved_config))
                    if k not in _RESUME_FREE_FIELDS and saved_config[k] != config[k]]
         if changed:
@@ -655,12 +738,15 @@ def format_settings(name: str, settings: dict) -> str:
     adapter = settings.get("adapter") or "-"
     lines = [f"{name}: lr {settings['learning_rate']:g} {settings['lr_scheduler_type']} (warmup "
              f"{settings['warmup_steps']} steps, {settings['optim']}) | batch {settings['per_device_train_batch_size']} x "
-             f"{settings['gradient_accumulation_steps']} accumulation | {settings['total_steps']} steps "
+             f"{settings['gradient_accumulation_steps']} accumulation"
+             + (f" x {settings['world_size']} ranks" if settings.get("world_size", 1) > 1 else "")
+             + f" | {settings['total_steps']} steps "
              f"({settings['epochs']:g} epochs) | seed {settings['seed']}"
              + (f" | max_length {settings['max_length']}" if "max_length" in settings else ""),
              f"  adapter: {adapter}"]
     known = {"algorithm", "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size",
-             "gradient_accumulation_steps", "total_steps", "epochs", "seed", "max_length", "adapter", "optim"}
+             "gradient_accumulation_steps", "world_size", "total_steps", "epochs", "seed", "max_length", "adapter",
+             "optim"}
     algorithm = [f"{k}={v}" for k, v in settings.items() if k not in known]
     if algorithm:
         lines.append("  " + ", ".join(algorithm))

@@ -155,6 +155,8 @@ class PPOTrainer(PPOLogic, MLXOnline, Trainer):
         """The policy adapter (mlx_lm-loadable) in ``directory``; the value model in ``directory/value_model``."""
         from macft.mlx.model import save_adapter
 
+        if directory is None:  # a rank other than 0 (macft.training.TrainingLoop.save_model)
+            return
         save_adapter(self.policy, directory)
         save_scalar_model(self.value_model, self.value_model_dir(directory))
 

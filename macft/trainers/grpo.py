@@ -188,7 +188,7 @@ class GRPOLogic:
         """k = gradient_accumulation_steps rollouts, each generated when first needed, then the same
         k replayed num_iterations times. After a resume inside a replay the rollout is sampled
         again with the current policy (rollouts are not checkpointed)."""
-        accumulate, iterations = self.args.gradient_accumulation_steps, self.args.num_iterations
+        accumulate, iterations = self.global_accumulation_steps, self.args.num_iterations
         batches = self._prompt_batches(epoch)
         index = 0
         for chunk_start in range(0, len(batches), accumulate):
@@ -196,11 +196,24 @@ class GRPOLogic:
             rollouts = [None] * len(chunk)
             for _ in range(iterations):
                 for j, examples in enumerate(chunk):
-                    if index >= skip:
+                    if index >= skip and not self.owns_micro_batch(index):
+                        yield None  # another rank rolls these prompts out
+                    elif index >= skip:
                         if rollouts[j] is None:
                             rollouts[j] = self._rollout(examples, seed=(self.args.seed, epoch, chunk_start + j))
                         yield rollouts[j]
                     index += 1
+
+    def owns_micro_batch(self, index: int) -> bool:
+        """Rank r rolls out position j of each chunk of prompt batches when j = r mod ranks, and
+        replays it there, so every replay reuses the rollout it made (``micro_batches``' layout)."""
+        if self.world.size == 1:
+            return True
+        accumulate, iterations = self.global_accumulation_steps, self.args.num_iterations
+        chunk, offset = divmod(index, accumulate * iterations)
+        chunk_size = min(accumulate, math.ceil(len(self.examples) / self.args.per_device_train_batch_size)
+                         - chunk * accumulate)
+        return self.world.owns(offset % chunk_size)
 
     def batch_weight(self, batch: RolloutBatch) -> float:
         if self.args.loss_type == "dapo":

@@ -97,6 +97,9 @@ class OnlineDPOLogic:
         size = self.args.per_device_train_batch_size
         order = np.random.default_rng([int(self.args.seed), int(epoch)]).permutation(len(self.examples))
         for index in range(skip, self.steps_per_epoch()):
+            if not self.owns_micro_batch(index):  # another rank samples this batch
+                yield None
+                continue
             self.seed_sampling(int(np.random.SeedSequence([self.args.seed, epoch, index]).generate_state(1)[0]))
             yield self.make_batch([self.examples[i] for i in order[index * size:(index + 1) * size]])
 

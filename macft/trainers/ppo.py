@@ -159,12 +159,12 @@ class PPOLogic:
     @property
     def rollout_size(self) -> int:
         a = self.args
-        return a.per_device_train_batch_size * a.gradient_accumulation_steps * a.num_mini_batches
+        return a.per_device_train_batch_size * self.global_accumulation_steps * a.num_mini_batches
 
     @property
     def micro_batches_per_rollout(self) -> int:
         a = self.args
-        return a.num_ppo_epochs * a.num_mini_batches * a.gradient_accumulation_steps
+        return a.num_ppo_epochs * a.num_mini_batches * self.global_accumulation_steps
 
     def prepare(self):
         if not self.has_trainable_parameters(self.policy):

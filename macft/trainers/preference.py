@@ -245,7 +245,10 @@ class PreferenceAlgorithm(PreferenceBackend, TrainingLoop):
     def micro_batches(self, epoch: int, skip: int = 0):
         batches = batch_indices(len(self.train_examples), self.args.per_device_train_batch_size,
                                 seed=self.args.seed, epoch=epoch)
-        for indices in itertools.islice(batches, skip, None):
+        for index, indices in enumerate(itertools.islice(batches, skip, None), start=skip):
+            if not self.owns_micro_batch(index):  # another rank's (its reference log-probs are made there)
+                yield None
+                continue
             yield self.make_batch([self.train_examples[i] for i in indices], indices, "train")
 
     def evaluate_batches(self):

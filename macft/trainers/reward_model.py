@@ -92,8 +92,8 @@ class RewardAlgorithm(TrainingLoop):
         order = np.random.default_rng([self.args.seed, epoch]).permutation(len(self.train_pairs))
         size = self.args.per_device_train_batch_size
         chunks = (order[start:start + size] for start in range(0, len(order), size))
-        for chunk in itertools.islice(chunks, skip, None):
-            yield self.make_batch([self.train_pairs[i] for i in chunk])
+        for index, chunk in enumerate(itertools.islice(chunks, skip, None), start=skip):
+            yield self.make_batch([self.train_pairs[i] for i in chunk]) if self.owns_micro_batch(index) else None
 
     def evaluate_batches(self):
         limit, size = self.args.eval_batches, self.args.eval_batch_size

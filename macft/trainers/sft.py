@@ -197,8 +197,8 @@ class SFTAlgorithm(TrainingLoop):
     def micro_batches(self, epoch: int, skip: int = 0):
         batches = iterate_batches(self.train_examples, self.args.per_device_train_batch_size, seed=self.args.seed,
                                   epoch=epoch, pad_id=self.pad_id)
-        for arrays in itertools.islice(batches, skip, None):
-            yield self.make_batch(*arrays)
+        for index, arrays in enumerate(itertools.islice(batches, skip, None), start=skip):
+            yield self.make_batch(*arrays) if self.owns_micro_batch(index) else None
 
     def evaluate_batches(self):
         if not self.eval_examples:

@@ -73,7 +73,7 @@ def first_step(trainer):
     trainer.begin_training()
     micro = next(trainer._step_batches())
     before = trained_weights(trainer.model)
-    loss, metrics, grad_norm = trainer.compute_gradients(micro)
+    loss, metrics, grad_norm = trainer.step_gradients(micro)
     trainer.apply_gradients(trainer.learning_rate_at(0))
     after = trained_weights(trainer.model)
     return loss, metrics, grad_norm, {name: after[name] - before[name] for name in before}
