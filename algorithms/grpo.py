@@ -5,12 +5,20 @@ DAPO, arXiv:2503.14476 (its sampling-side parts are in `dapo.py`).
 Reference numerics: TRL 1.16 `GRPOTrainer` (`_generate_and_score_completions` for the
 advantages, `_compute_loss` for the loss).
 
-Advantages, for G completions per prompt with rewards r (NaN = unscorable, every reward function
-returned None: left out of the statistics, advantage 0):
+Advantages, for G completions per prompt with rewards r:
 
     A_i = (r_i − mean_group(r)) / (std(r) + 1e-4)
-    std over the group (scale_rewards="group"), over the batch ("batch"), or no division
-    ("none", Dr. GRPO). std is unbiased (ddof=1), as TRL's `nanstd`.
+    std over the group (scale_rewards="group"), over the whole generation batch ("batch"), or no
+    division ("none", Dr. GRPO). std is unbiased (ddof=1), as TRL's `nanstd`.
+
+Unscorable completions (every reward function returned None; NaN here) follow TRL 1.16's
+`_generate_and_score_completions` (sum_then_normalize): their reward is NaN, so the nan-aware
+mean_group, the group std and the batch std leave them out, and their advantage, NaN, becomes 0
+(`nan_to_num`). A group with fewer than two scorable completions gets advantage 0 everywhere:
+its one scorable member is its own mean (and with "group" scaling its std, NaN, makes it NaN, so
+0), and an all-unscorable group is NaN throughout. TRL's batch std is `nanstd` over every reward of
+the generation batch, all processes gathered (0 when the batch holds a single reward);
+`batch_reward_std` computes it, and a trainer that scores the batch in parts passes it in.
 
 Per-token loss, with ρ the importance ratio against the sampling policy π_old:
 
@@ -60,19 +68,25 @@ PRESETS = {
 _STD_EPS = 1e-4
 
 
-def grpo_advantages(rewards, num_generations, *, scale_rewards="group"):
+def grpo_advantages(rewards, num_generations, *, scale_rewards="group", scorable=None, batch_std=None):
     """(advantages (B,), metrics) from rewards (B,) laid out as consecutive groups of G.
 
-    scale_rewards: "group" (or True), "batch", "none" (or False). NaN rewards are unscorable.
+    scale_rewards: "group" (or True), "batch", "none" (or False). NaN rewards are unscorable, and
+    so are the rows where the optional bool mask `scorable` (B,) is False. batch_std: with
+    "batch", the std of the whole generation batch (`batch_reward_std` of all its rewards) when
+    `rewards` is only part of it (one micro-batch of an accumulated step, one rank's share);
+    None: the batch is `rewards` itself.
     """
     scale = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
     if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     rewards = ops.to_float(rewards)
+    if scorable is not None:
+        rewards = ops.where(scorable, rewards, float("nan") * ops.ones_like(rewards))
     grouped = rewards.reshape(-1, num_generations)
     group_mean = ops.nanmean(grouped, axis=1, keepdims=True)
     if scale == "batch":
-        std = ops.nanstd(rewards) if rewards.shape[0] > 1 else ops.zeros_like(rewards[0])
+        std = batch_reward_std(rewards) if batch_std is None else batch_std
         std_per_row = std * ops.ones_like(rewards)
     else:
         group_std = (ops.nanstd(grouped, axis=1, keepdims=True) if num_generations > 1
@@ -81,15 +95,24 @@ def grpo_advantages(rewards, num_generations, *, scale_rewards="group"):
     advantages = (grouped - group_mean).reshape(-1)
     if scale != "none":
         advantages = advantages / (std_per_row + _STD_EPS)
-    advantages = ops.nan_to_zero(advantages)
+    advantages = ops.nan_to_zero(advantages)  # unscorable rows, and groups with < 2 scorable ones
 
     metrics = {
         "reward": ops.nanmean(rewards),
         "reward_std": ops.nanstd(rewards),
-        # torch.isclose(std, 0) with its default atol, as TRL logs it
+        # torch.isclose(std, 0) with its default atol, as TRL logs it (False where std is NaN)
         "frac_reward_zero_std": ops.mean(ops.cast_like(ops.abs(std_per_row) <= 1e-8, rewards)),
+        "frac_reward_unscorable": ops.mean(ops.cast_like(ops.isnan(rewards), rewards)),
     }
     return advantages, metrics
+
+
+def batch_reward_std(rewards):
+    """TRL's std for scale_rewards="batch": `nanstd` (unbiased, over the non-NaN rewards) of every
+    reward of the generation batch, 0 when the batch holds one reward, NaN when fewer than two
+    are scorable (every advantage is then 0)."""
+    rewards = ops.to_float(rewards).reshape(-1)
+    return ops.nanstd(rewards) if rewards.shape[0] > 1 else ops.zeros_like(rewards[0])
 
 
 def grpo_loss(logps, old_logps, advantages, mask, *, ref_logps=None, beta=0.0, epsilon=0.2,

@@ -245,3 +245,16 @@ def concatenate(arrays, axis=0):
     if is_mlx(arrays[0]):
         return _mx().concatenate(arrays, axis=axis)
     return _torch().cat(arrays, dim=axis)
+
+
+# ---------------------------------------------------------------- scans and sorting
+
+
+def cumsum(x, axis=-1):
+    """Running sum along `axis` (inclusive)."""
+    return _mx().cumsum(x, axis=axis) if is_mlx(x) else _torch().cumsum(x, dim=axis)
+
+
+def sort(x, axis=0):
+    """Values sorted ascending along `axis`; differentiable (the gradient follows the permutation)."""
+    return _mx().sort(x, axis=axis) if is_mlx(x) else _torch().sort(x, dim=axis).values

@@ -14,8 +14,11 @@ from cuda_bridge.trainer import Trainer
 from macft.trainers.grpo import GRPOLogic, whole_sequence_layout
 
 
-def completion_logps(model, prompt_ids: list, completion_ids: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
-    """(N, C) float32 log-probs of each completion token given its prompt and the tokens before it.
+def completion_logps(model, prompt_ids: list, completion_ids: torch.Tensor, pad_id: int = 0,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """(N, C) float32 log-probs of each completion token given its prompt and the tokens before it,
+    under logits / ``temperature`` (the sampling temperature: TRL scores the rollouts so; the fused
+    kernel scales the logits chunk by chunk, as for PPO).
 
     Each row runs whole, [prompt | completion | padding], right-padded so causal attention keeps
     the padding out of every real position, through the fused head + log-softmax (no (N, T, V)
@@ -23,7 +26,7 @@ def completion_logps(model, prompt_ids: list, completion_ids: torch.Tensor, pad_
     """
     ids, positions = whole_sequence_layout(prompt_ids, completion_ids.detach().cpu().numpy(), pad_id)
     device = completion_ids.device
-    logps = sequence_logps(model, torch.as_tensor(ids, dtype=torch.long, device=device))
+    logps = sequence_logps(model, torch.as_tensor(ids, dtype=torch.long, device=device), temperature=temperature)
     return logps.gather(1, torch.as_tensor(positions, device=device))
 
 
@@ -31,4 +34,4 @@ class GRPOTrainer(GRPOLogic, TorchOnline, Trainer):
     __doc__ = GRPOLogic.__doc__
 
     def completion_logps(self, model, prompt_ids, completion_ids):
-        return completion_logps(model, prompt_ids, completion_ids, self.pad_id)
+        return completion_logps(model, prompt_ids, completion_ids, self.pad_id, self.args.temperature)

@@ -64,3 +64,30 @@ def _full_logits_logps(model, inputs, targets, mask, positions, temperature, wit
     if not with_entropy:
         return logp
     return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+# Tokens per chunk of the head in ``log_sum_sq_probs``: about 256 MB of float32 logits at a time.
+_SQUARE_CHUNK_BYTES = 1 << 28
+
+
+def log_sum_sq_probs(model, input_ids, temperature: float = 1.0):
+    """(B, T) ids -> (B, T-1) float32 log Σ_v p_v² of each next-token distribution (under logits /
+    temperature), without gradient: WPO's alignment term (``algorithms.dpo.wpo_weights``). The head
+    runs over chunks of tokens, so the (B, T, V) logits are never held at once."""
+    inputs = input_ids[:, :-1]
+    with torch.no_grad():
+        head = _head(model)
+        if head is None:
+            logits = model(input_ids=inputs, use_cache=False).logits.float() / temperature
+            return torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1)
+        weight, bias = head
+        h = hidden_states(model, inputs)
+        flat = h.reshape(-1, h.shape[-1])
+        weight = weight.to(h.dtype)
+        bias = None if bias is None else bias.to(h.dtype)
+        chunk = max(1, _SQUARE_CHUNK_BYTES // (4 * weight.shape[0]))
+        out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        for start in range(0, flat.shape[0], chunk):
+            logits = torch.nn.functional.linear(flat[start:start + chunk], weight, bias).float() / temperature
+            out[start:start + chunk] = torch.logsumexp(2 * logits, -1) - 2 * torch.logsumexp(logits, -1)
+        return out.view(h.shape[0], h.shape[1])

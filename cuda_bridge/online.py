@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from cuda_bridge.logps import sequence_logps
-from cuda_bridge.reference import load_reference_model, reference_policy
+from cuda_bridge.reference import load_reference_model, reference_policy, snapshot_adapter
 from cuda_bridge.sampling import sample_completions
 
 
@@ -25,6 +25,9 @@ class TorchOnline:
 
     def make_reference(self, path=None):
         return load_reference_model(self.model, path)
+
+    def snapshot_adapter(self):
+        return snapshot_adapter(self.model)
 
     def reference_policy(self, policy, reference):
         return reference_policy(policy, reference)

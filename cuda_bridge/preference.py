@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from algorithms import masked
-from cuda_bridge.logps import sequence_logps
-from cuda_bridge.reference import load_reference_model, reference_policy
+from cuda_bridge.logps import log_sum_sq_probs, sequence_logps
+from cuda_bridge.reference import load_reference_model, reference_policy, snapshot_adapter
 from cuda_bridge.trainer import Trainer
 from macft.trainers.preference import PreferenceAlgorithm
 
@@ -23,8 +23,16 @@ def completion_logps(model, input_ids: torch.Tensor, target_mask: torch.Tensor) 
 class PreferenceTrainer(PreferenceAlgorithm, Trainer):
     """The PyTorch backend of ``PreferenceAlgorithm``."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The adapter as the trainer receives the model, frozen: π_ref when it is already trained
+        # (TRL's "ref" adapter), taken once, so that a second train() keeps the same reference.
+        explicit = getattr(self.args, "reference_model_path", None)
+        self.starting_adapter = snapshot_adapter(self.model) if self.uses_reference and not explicit else None
+
     def make_reference(self, path=None):
-        return load_reference_model(self.model, path)
+        reference = load_reference_model(self.model, path)
+        return self.starting_adapter if reference is None else reference
 
     def reference_policy(self, reference):
         return reference_policy(self.model, reference)
@@ -32,6 +40,9 @@ class PreferenceTrainer(PreferenceAlgorithm, Trainer):
     def frozen_completion_logps(self, model, input_ids, target_mask):
         with torch.no_grad():
             return completion_logps(model, input_ids, target_mask)
+
+    def frozen_log_sum_sq_probs(self, model, input_ids):
+        return log_sum_sq_probs(model, input_ids)
 
     def concatenate(self, arrays):
         return torch.cat(arrays)

@@ -180,18 +180,20 @@ class Trainer(TrainingLoop):
         self._pending = None
         self._filler = None  # a micro-batch this rank repeats with share 0 in a step it has too few for
         # A trainer that runs the model while it makes its batches (rollouts; reference log-probs of
-        # the adapters-off base) does so between steps, each rank its own number of times.
+        # the policy with its adapters off or its starting adapter) does so between steps, each rank
+        # its own number of times.
         self._gathered_between_steps = self.sharded and self._runs_model_between_steps()
         if self._gathered_between_steps:
             self._gather()
 
     def _runs_model_between_steps(self) -> bool:
         from cuda_bridge.online import TorchOnline
+        from cuda_bridge.reference import runs_on_the_policy
 
         if isinstance(self, TorchOnline):
             return True
         return (getattr(self, "uses_reference", False) and not getattr(self, "reference_released", True)
-                and getattr(self, "reference", None) is None)
+                and runs_on_the_policy(getattr(self, "reference", None)))
 
     def _gather(self):
         """Collective (every rank at the same point): the full weights on every rank, until ``_release``."""

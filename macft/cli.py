@@ -115,7 +115,9 @@ REWARD_FUNCTIONS = Flag("reward_functions", ("--reward-functions",), str, None,
 REWARD_FUNCTIONS_FILE = Flag("reward_functions_file", ("--reward-functions-file",), str, None,
                              "A Python file of reward functions (mlx-lm-lora's register_reward_function works).")
 JUDGE = Flag("judge", ("--judge",), str, None, "Judge of online pairs: 'rewards' (the reward functions), a reward-model directory, or 'llm:MODEL'.")
-REFERENCE_MODEL = Flag("reference_model_path", ("--reference-model-path",), str, None, "Explicit reference model (default: the base with adapters off).")
+REFERENCE_MODEL = Flag("reference_model_path", ("--reference-model-path",), str, None,
+                       "Reference model: a model dir, hub id or adapter dir (default: the base with adapters off; "
+                       "GRPO, DPO and KTO keep a trained starting adapter on, frozen).")
 
 CONFIG_FLAG = Flag("config", ("-c", "--config"), str, None, "YAML file setting any of these flags.")
 
@@ -169,6 +171,7 @@ VALUE_RULES = {
     "epsilon": AT_LEAST_0,
     "epsilon_high": AT_LEAST_0,
     "label_smoothing": (lambda v: 0 <= v <= 0.5, "must be >= 0 and <= 0.5"),
+    "ld_alpha": (lambda v: 0 <= v <= 1, "must be >= 0 and <= 1"),
     "num_iterations": AT_LEAST_1,
     "max_sampling_rounds": AT_LEAST_1,
     "num_ppo_epochs": AT_LEAST_1,
@@ -349,6 +352,9 @@ def yaml_value(key: str, value, expected: type, where: str):
             pass
     if expected is list and not isinstance(value, list):
         return [value]
+    if key in ("loss_type", "loss_weights", "reward_weights") and isinstance(value, list) and value and all(
+            isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        return ",".join(str(v) for v in value)  # TRL's list in YAML for a comma-separated flag
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if expected not in (float, list) and not isinstance(value, expected):
@@ -874,13 +880,13 @@ def logged_metrics(output_dir) -> list[dict]:
     return rows
 
 
-def parse_weights(text):
+def parse_weights(text, flag: str = "--reward-weights"):
     if text is None or isinstance(text, list):
         return text
     try:
         return [float(w) for w in str(text).strip("[] ").split(",") if w.strip()]
     except ValueError:
-        raise CLIError(f"--reward-weights {text!r}: expected comma-separated numbers") from None
+        raise CLIError(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
 # Training commands: each is a module macft/<name>.py with FLAGS, HELP and run(values), which is also

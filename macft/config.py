@@ -313,7 +313,7 @@ class PreferenceConfig(TrainingConfig):
     beta: float = 0.1
     max_length: int = 1024
     max_prompt_length: int | None = 512  # not a TRL 1.16 field (older TRL's): prompts keep their last tokens
-    reference_model_path: str | None = None  # default: the base model with the adapters switched off
+    reference_model_path: str | None = None  # default: the policy as it starts (adapters off, or its trained adapter)
     precompute_ref_log_probs: bool = False
 
 
@@ -322,11 +322,41 @@ class DPOConfig(PreferenceConfig):
     """Direct Preference Optimization (TRL's DPOConfig)."""
 
     trl_config: ClassVar[str] = "DPOConfig"
-    summary_fields: ClassVar[tuple] = PreferenceConfig.summary_fields + ("loss_type", "label_smoothing", "rpo_alpha")
+    summary_fields: ClassVar[tuple] = PreferenceConfig.summary_fields + ("loss_type", "loss_weights", "label_smoothing",
+                                                                         "rpo_alpha", "ld_alpha", "use_weighting")
 
-    loss_type: str | list = "sigmoid"  # sigmoid | robust | hinge | ipo | ... (algorithms.dpo); a list sums them
+    loss_type: str | list = "sigmoid"  # sigmoid | robust | hinge | ipo | aot | sft | ... (algorithms.dpo.LOSS_TYPES)
+    # With several loss types: Σ_k loss_weights[k] · loss_k (default: 1 each); one weight per loss type.
+    loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
-    rpo_alpha: float | None = None  # adds rpo_alpha * NLL(chosen)
+    rpo_alpha: float | None = None  # adds rpo_alpha * NLL(chosen) (older TRL's name for a weighted "sft" term)
+    # LD-DPO: completion tokens beyond the length the pair shares weigh ld_alpha in [0, 1] (None: plain sums).
+    ld_alpha: float | None = None
+    # WPO: each pair's loss times the policy's length-normalized sequence probabilities w(y_c)·w(y_r).
+    use_weighting: bool = False
+    discopop_tau: float = 0.05
+
+    def __post_init__(self):
+        super().__post_init__()
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if self.loss_weights is not None:
+            weights = list(self.loss_weights) if isinstance(self.loss_weights, (list, tuple)) else None
+            if weights is None or len(weights) != len(names):
+                count = "not a list" if weights is None else f"{len(weights)} weight(s)"
+                raise ConfigError(f"loss_weights={self.loss_weights!r}: {count} for {len(names)} loss type(s) "
+                                  f"(loss_type={self.loss_type!r}); give one weight per loss type")
+            if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in weights):
+                raise ConfigError(f"loss_weights={self.loss_weights!r}: every weight must be a finite number")
+            self.loss_weights = [float(w) for w in weights]
+        if self.ld_alpha is not None and (isinstance(self.ld_alpha, bool) or not 0.0 <= self.ld_alpha <= 1.0):
+            raise ConfigError(f"ld_alpha={self.ld_alpha!r}: must be in [0.0, 1.0] (1.0: no length desensitization, "
+                              "0.0: drop the tokens beyond the length the pair shares), or None")
+        sorting = [name for name in names if name in ("aot", "aot_unpaired")]
+        if self.use_weighting and sorting:
+            raise ConfigError(f"use_weighting=True (WPO) does not apply to loss_type {sorting[0]!r}: it sorts the "
+                              "batch, so a pair's weight would land on another pair's loss (TRL refuses it too)")
+        if not self.discopop_tau > 0:
+            raise ConfigError(f"discopop_tau must be > 0, got {self.discopop_tau}")
 
 
 @dataclass
@@ -404,6 +434,9 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
     epsilon: float = 0.2
     epsilon_high: float | None = None
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
+    # π_ref for beta > 0 (not a TRL field; DPOConfig's): a model dir, hub id or adapter dir. Default:
+    # the policy as it starts, i.e. the adapters-off base, or its starting adapter frozen if trained.
+    reference_model_path: str | None = None
     scale_rewards: str | bool = "group"  # group | batch | none
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
     num_iterations: int = 1

@@ -6,7 +6,7 @@ Also holds what the offline preference commands (dpo, cpo, orpo, kto) share.
 from dataclasses import replace
 
 from macft.cli import (BETA, LOSS_TYPE, REFERENCE_MODEL, CLIError, Flag, load_model_for_training, main_for,
-                       print_summary, train_with, training_config_values)
+                       parse_weights, print_summary, train_with, training_config_values)
 
 HELP = "Direct Preference Optimization on prompt / chosen / rejected pairs."
 
@@ -25,6 +25,13 @@ PREFERENCE_LOSS_TYPE = replace(LOSS_TYPE, default="sigmoid",
 FLAGS = (
     BETA, PREFERENCE_LOSS_TYPE, REFERENCE_MODEL, MAX_PROMPT_LENGTH, LABEL_SMOOTHING, PRECOMPUTE_REF,
     Flag("rpo_alpha", ("--rpo-alpha",), float, None, "Add RPO's alpha * NLL of the chosen completions."),
+    Flag("loss_weights", ("--loss-weights",), str, None,
+         "Comma-separated weights, one per --loss-type entry (e.g. --loss-type sigmoid,sft --loss-weights 1,0.5); "
+         "default 1 each."),
+    Flag("ld_alpha", ("--ld-alpha",), float, None,
+         "LD-DPO: weight in [0, 1] of the completion tokens beyond the length the pair shares (default: off)."),
+    Flag("use_weighting", ("--use-weighting",), bool, False,
+         "WPO: weight each pair by the policy's length-normalized sequence probabilities."),
 )
 
 
@@ -58,7 +65,9 @@ def dpo_fields(values: dict) -> dict:
         loss_type = [name.strip() for name in loss_type.split(",") if name.strip()]
     return dict(beta=values["beta"], loss_type=loss_type, label_smoothing=values["label_smoothing"],
                 rpo_alpha=values["rpo_alpha"], reference_model_path=values["reference_model_path"],
-                precompute_ref_log_probs=values["precompute_ref_log_probs"])
+                precompute_ref_log_probs=values["precompute_ref_log_probs"],
+                loss_weights=parse_weights(values.get("loss_weights"), "--loss-weights"),
+                ld_alpha=values.get("ld_alpha"), use_weighting=bool(values.get("use_weighting")))
 
 
 FIELDS = dpo_fields

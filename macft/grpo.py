@@ -11,9 +11,9 @@ given (on the command line or in the YAML) overrides the preset's value; `python
 
 from dataclasses import replace
 
-from macft.cli import (BETA, EPSILON, EPSILON_HIGH, GROUP_SIZE, LOSS_TYPE, MAX_COMPLETION_LENGTH, REWARD_FN,
-                       REWARD_FUNCTIONS, REWARD_FUNCTIONS_FILE, REWARD_WEIGHTS, TEMPERATURE, TOP_K, TOP_P, CLIError,
-                       Flag, load_model_for_training, main_for, parse_weights, print_summary, train_with,
+from macft.cli import (BETA, EPSILON, EPSILON_HIGH, GROUP_SIZE, LOSS_TYPE, MAX_COMPLETION_LENGTH, REFERENCE_MODEL,
+                       REWARD_FN, REWARD_FUNCTIONS, REWARD_FUNCTIONS_FILE, REWARD_WEIGHTS, TEMPERATURE, TOP_K, TOP_P,
+                       CLIError, Flag, load_model_for_training, main_for, parse_weights, print_summary, train_with,
                        training_config_values)
 
 HELP = "Group Relative Policy Optimization with reward functions (--reward-fn my_reward.py)."
@@ -39,8 +39,7 @@ GROUP_FLAGS = (
     Flag("overlong_buffer_length", ("--overlong-buffer-length",), int, None,
          "DAPO soft overlong punishment over the last N tokens before --max-completion-length."),
     Flag("overlong_penalty_factor", ("--overlong-penalty-factor",), float, 1.0, "Scale of that punishment."),
-    Flag("reference_model_path", ("--reference-model-path",), str, None,
-         "Not supported for GRPO here: the reference is the base with the adapters off."),
+    REFERENCE_MODEL,
 )
 
 FLAGS = (*GROUP_FLAGS, Flag("preset", ("--preset",), str, None, "grpo, gspo, dr_grpo or dapo settings."))
@@ -49,7 +48,7 @@ FLAGS = (*GROUP_FLAGS, Flag("preset", ("--preset",), str, None, "grpo, gspo, dr_
 _CONFIG_FLAGS = ("max_completion_length", "temperature", "top_p", "top_k", "beta", "loss_type", "epsilon",
                  "epsilon_high", "max_prompt_length", "num_iterations", "scale_rewards", "importance_sampling_level",
                  "mask_truncated_completions", "dynamic_sampling", "max_sampling_rounds", "overlong_buffer_length",
-                 "overlong_penalty_factor")
+                 "overlong_penalty_factor", "reference_model_path")
 # What a preset sets (algorithms.grpo.PRESETS, plus DAPO's dynamic sampling): with a preset, the
 # flags' defaults yield to it and only a flag that was given overrides it.
 PRESET_FIELDS = ("beta", "loss_type", "epsilon", "epsilon_high", "importance_sampling_level", "scale_rewards",
@@ -110,9 +109,6 @@ def reward_functions(values: dict, weights):
 def train_group_algorithm(values: dict, preset: str | None):
     if not values["data"]:
         raise CLIError("--data is required: a .jsonl file or a directory with train.jsonl ({\"prompt\", ...} rows)")
-    if values.get("reference_model_path"):
-        raise CLIError("--reference-model-path: GRPO's reference here is the base model with the adapters off; "
-                       "another reference model is not supported")
     config = grpo_config(values, preset)
     functions = reward_functions(values, config.reward_weights)  # fail before loading
     model, tokenizer = load_model_for_training(values)

@@ -251,7 +251,8 @@ def score_completions(functions: list[RewardFunction], prompts: list, completion
     ``trainer_state`` (TRL's, or a ``RewardTrainerState``) and TRL's ``log_metric(name, value)`` /
     ``log_extra(column, values)`` reach the functions only when given here.
     A None ("not applicable") counts as 0 in the weighted sum and as NaN in the function's record,
-    so per-function means skip it.
+    so per-function means skip it. A completion that every function gave None is unscorable
+    (``unscorable``): GRPO leaves it out of its advantages, as TRL does.
     """
     offered = _offered_arguments(prompts, completions, columns, completion_ids, trainer_state=trainer_state,
                                  log_extra=log_extra, log_metric=log_metric)
@@ -288,6 +289,18 @@ def score_completions(functions: list[RewardFunction], prompts: list, completion
         per_function[function.name] = scores
         total += function.weight * np.nan_to_num(scores, nan=0.0)
     return total, per_function
+
+
+def unscorable(per_function: dict[str, np.ndarray], count: int) -> np.ndarray:
+    """(count,) bool: the completions for which every reward function returned None.
+
+    TRL 1.16 (``GRPOTrainer._generate_and_score_completions``: ``unscorable_mask``, the rows of
+    ``rewards_per_func`` that are all NaN) sets their total reward to NaN instead of nansum's 0, so
+    that they stay out of the group mean and std and get advantage 0. ``score_completions`` counts
+    them as 0 in its total; a trainer that needs the distinction asks here."""
+    if not per_function:
+        return np.zeros(count, dtype=bool)
+    return np.isnan(np.stack([np.asarray(v, dtype=np.float64) for v in per_function.values()])).all(axis=0)
 
 
 # TRL passes every dataset column but these (the prompt and completion arrive as prompts= and completions=).

@@ -231,8 +231,7 @@ class TrainingLoop:
     def total_steps(self) -> int:
         if self.args.max_steps and self.args.max_steps > 0:
             return self.args.max_steps
-        per_epoch = math.ceil(self.steps_per_epoch() / self.global_accumulation_steps)
-        return max(1, math.ceil(per_epoch * self.args.num_train_epochs))
+        return max(1, math.ceil(self.optimizer_steps_per_epoch() * self.args.num_train_epochs))
 
     @property
     def global_accumulation_steps(self) -> int:
@@ -537,14 +536,15 @@ class TrainingLoop:
                                 f"{kept}. Free some space or choose another --adapter-path/output_dir") from e
 
     def _step_batches(self):
-        """Groups the epoch's micro-batches into optimizer steps of ``global_accumulation_steps``,
+        """Groups the epoch's micro-batches into optimizer steps of ``step_size_at`` micro-batches
+        (``global_accumulation_steps`` unless a trainer lays its steps out otherwise),
         continuing across epochs from the saved position; yields this rank's part of each step (the
         micro-batches it ``owns``). ``micro_batches`` may yield None for a micro-batch another rank
         owns (it need not make it); one it makes anyway is dropped here."""
-        accumulate = self.global_accumulation_steps
         while True:
             pending, count = [], 0
             skip = self.state["batch_in_epoch"]
+            accumulate = self.step_size_at(skip)
             for index, batch in enumerate(self.micro_batches(self.state["epoch"], skip=skip), start=skip):
                 count += 1
                 if self.owns_micro_batch(index):
@@ -553,6 +553,7 @@ class TrainingLoop:
                     self.state["batch_in_epoch"] = index + 1
                     yield pending
                     pending, count = [], 0
+                    accumulate = self.step_size_at(index + 1)
             if count:
                 self.state["batch_in_epoch"] = 0
                 self.state["epoch"] += 1
@@ -564,6 +565,12 @@ class TrainingLoop:
     def step_gradients(self, micro: list) -> tuple[float, dict, float]:
         """``compute_gradients`` of this rank's micro-batches, each with its share of the whole step."""
         return self.compute_gradients(micro, gradient_shares(self.world, [self.batch_weight(b) for b in micro]))
+
+    def step_size_at(self, index: int) -> int:
+        """Micro-batches in the optimizer step that starts at the epoch's micro-batch ``index``
+        (``global_accumulation_steps``; the epoch's last step takes what is left). A trainer whose
+        steps are laid out otherwise overrides it with ``optimizer_steps_per_epoch``."""
+        return self.global_accumulation_steps
 
     def owns_micro_batch(self, index: int) -> bool:
         """Whether this rank computes the epoch's micro-batch ``index``: ``micro_batches`` may yield

@@ -20,7 +20,7 @@ import torch
 
 from macft.reward_compat import MLX_LM_LORA_DEFAULT_REWARDS, R1_BUILTINS
 from macft.rewards import (BUILTINS, RewardError, RewardTrainerState, load_named_reward_functions,
-                           load_reward_functions, score_completions)
+                           load_reward_functions, score_completions, unscorable)
 
 PEER_REWARDS = (Path(__file__).resolve().parents[1] / ".venv-peer/lib/python3.11/site-packages/mlx_lm_lora/trainer/"
                 "grpo_reward_functions.py")
@@ -123,6 +123,39 @@ def test_completion_ids_also_come_from_the_columns_and_trainer_state_only_when_g
     score_completions(load_reward_functions([function]), ["p"], ["c"], {}, completion_ids=[[3]], trainer_state=state)
     assert record.calls[-1][2] == {"prompts": ["p"], "completions": ["c"], "completion_ids": [[3]],
                                    "trainer_state": state}
+
+
+def not_for_tagged_answers_reward(prompts, completions, **kwargs):
+    """None for a completion that starts with a tag, 1.0 for the others."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [None if t.startswith("<answer>") else 1.0 for t in texts]
+
+
+def test_unscorable_completions_are_the_rows_trl_marks_unscorable(monkeypatch):
+    """A completion is unscorable when every function returned None for it: TRL's
+    ``unscorable_mask``, the all-NaN rows of its _calculate_rewards output."""
+    import logging
+
+    from trl.trainer import grpo_trainer
+
+    # TRL warns about such rows through accelerate's logger, which needs an accelerate state.
+    monkeypatch.setattr(grpo_trainer, "logger", logging.getLogger("trl_grpo_trainer"))
+    rows = [{"prompt": "1+1?", "level": 1}, {"prompt": "Name a colour.", "level": 2}]
+    inputs = [row for row in rows for _ in range(2)]
+    prompts = [r["prompt"] for r in inputs]
+    texts = ["2", "<answer>blue", "<answer>2", " red "]
+    completion_ids = [[5], [6, 7], [8, 9, 10], [11, 12, 13, 14]]
+    state = types.SimpleNamespace(global_step=0)
+    functions = [only_for_math_reward, not_for_tagged_answers_reward]
+    _, trl_per_function, _, _ = trl_rewards(functions, inputs, prompts, texts, completion_ids, state, [1.0, 1.0])
+    columns = {"level": [r["level"] for r in inputs]}
+    total, per_function = score_completions(load_reward_functions(functions), prompts, texts, columns,
+                                            completion_ids=completion_ids, trainer_state=state)
+    expected = np.isnan(trl_per_function).all(axis=1)
+    assert expected.tolist() == [False, False, True, False]
+    assert unscorable(per_function, len(texts)).tolist() == expected.tolist()
+    assert total[2] == 0.0  # score_completions' total counts None as 0; GRPO asks unscorable() apart
+    assert not unscorable({}, 3).any()
 
 
 # ----------------------------------------------------------------------------- functions without **kwargs

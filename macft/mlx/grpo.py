@@ -3,7 +3,7 @@
 The trainer is ``macft.trainers.grpo.GRPOLogic`` (rollouts, rewards, DAPO's dynamic sampling,
 advantages, the loss, metrics); this module adds MLX's log-probs of the completions,
 ``completion_logps``, which runs each prompt once for its whole group (the keys/values are
-shared, gradient too).
+shared, gradient too), under logits / temperature (``macft.mlx.logps``).
 """
 
 import mlx.core as mx
@@ -15,8 +15,9 @@ from macft.mlx.trainer import Trainer, sequence_logps
 from macft.trainers.grpo import GRPOLogic
 
 
-def completion_logps(model, prompt_ids: list, completion_ids: mx.array) -> mx.array:
-    """Log-probs (N, C) of each completion token given its prompt and the tokens before it.
+def completion_logps(model, prompt_ids: list, completion_ids: mx.array, temperature: float = 1.0) -> mx.array:
+    """Log-probs (N, C) of each completion token given its prompt and the tokens before it, under
+    logits / ``temperature`` (the sampling temperature: TRL scores the rollouts so).
 
     Each group's G completions share their prompt: the prompt is run once and its keys and values
     are shared by the G rows (in the loss too, where the gradient flows through them), so a step
@@ -27,7 +28,7 @@ def completion_logps(model, prompt_ids: list, completion_ids: mx.array) -> mx.ar
     group = completion_ids.shape[0] // len(prompt_ids)
     info = getattr(model, "macft", None)
     if getattr(info, "gradient_checkpointing", False) or not has_plain_kv_cache(model):
-        return _completion_logps_whole(model, prompt_ids, completion_ids, group)
+        return _completion_logps_whole(model, prompt_ids, completion_ids, group, temperature)
     parts = []
     for index, prompt in enumerate(prompt_ids):
         completions = completion_ids[index * group:(index + 1) * group]
@@ -38,11 +39,11 @@ def completion_logps(model, prompt_ids: list, completion_ids: mx.array) -> mx.ar
                 layer_cache.share(group)
         inputs = mx.concatenate([mx.full((group, 1), prompt[-1], dtype=completions.dtype), completions[:, :-1]],
                                 axis=1)
-        parts.append(next_token_logps(model, inputs, completions, cache=cache))
+        parts.append(next_token_logps(model, inputs, completions, cache=cache, temperature=temperature))
     return mx.concatenate(parts)
 
 
-def _completion_logps_whole(model, prompt_ids, completion_ids, group):
+def _completion_logps_whole(model, prompt_ids, completion_ids, group, temperature):
     rows = completion_ids.shape[0]
     longest = max(len(p) for p in prompt_ids)
     width = completion_ids.shape[1]
@@ -53,7 +54,7 @@ def _completion_logps_whole(model, prompt_ids, completion_ids, group):
         pieces.append(mx.concatenate([mx.broadcast_to(mx.array(prompt, dtype=block.dtype), (group, len(prompt))),
                                       block, pad], axis=1))
         starts += [len(prompt) - 1] * group
-    logps = sequence_logps(model, mx.concatenate(pieces))
+    logps = sequence_logps(model, mx.concatenate(pieces), temperature=temperature)
     positions = mx.array(starts)[:, None] + mx.arange(width)[None, :]
     return mx.take_along_axis(logps, positions.reshape(rows, width), axis=1)
 
@@ -87,6 +88,6 @@ class GRPOTrainer(GRPOLogic, MLXOnline, Trainer):
     __doc__ = GRPOLogic.__doc__
 
     def completion_logps(self, model, prompt_ids, completion_ids):
-        return completion_logps(model, prompt_ids, completion_ids)
+        return completion_logps(model, prompt_ids, completion_ids, self.args.temperature)
 
 

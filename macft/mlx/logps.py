@@ -12,6 +12,10 @@ The head is the model's own (``lm_head``, or the tied embedding's ``as_linear``,
 called as a frozen function: the chunked path is taken only where the head has nothing to train
 (LoRA/DoRA on the decoder); a trained head (full fine-tuning, an adapted ``lm_head``) takes the plain
 path so that its gradient flows.
+
+``temperature`` T scores the tokens under logits / T, as TRL's GRPOTrainer does for the policy,
+the old policy and the reference (the distribution the rollouts were sampled from). Both paths
+divide the float32 logits, the chunked one inside each chunk, so tempering costs no memory.
 """
 
 import mlx.core as mx
@@ -45,14 +49,15 @@ def output_head(model):
     return head_module.as_linear if tied else head_module
 
 
-def token_logps(model, input_ids: mx.array) -> mx.array:
-    """(B, T) ids -> (B, T-1) float32 log-probs of each next token."""
-    return next_token_logps(model, input_ids[:, :-1], input_ids[:, 1:])
+def token_logps(model, input_ids: mx.array, temperature: float = 1.0) -> mx.array:
+    """(B, T) ids -> (B, T-1) float32 log-probs of each next token (under logits / temperature)."""
+    return next_token_logps(model, input_ids[:, :-1], input_ids[:, 1:], temperature=temperature)
 
 
-def next_token_logps(model, inputs: mx.array, targets: mx.array, cache=None) -> mx.array:
-    """(B, L) float32 log-probs of ``targets`` where position t of ``inputs`` predicts targets[:, t]
-    (``cache``: keys/values of tokens before ``inputs``, as mlx-lm models take them)."""
+def next_token_logps(model, inputs: mx.array, targets: mx.array, cache=None, temperature: float = 1.0) -> mx.array:
+    """(B, L) float32 log-probs of ``targets`` where position t of ``inputs`` predicts targets[:, t],
+    under logits / ``temperature`` (``cache``: keys/values of tokens before ``inputs``, as mlx-lm
+    models take them)."""
     length = inputs.shape[1]
     inputs = _pad_width(inputs) if cache is None else inputs
     head = output_head(model)
@@ -61,11 +66,19 @@ def next_token_logps(model, inputs: mx.array, targets: mx.array, cache=None) -> 
         head = None  # small logits: recomputing them in the backward would cost more than they take
     if head is None:
         logits = model(inputs, cache=cache)[:, :length].astype(mx.float32)
-        return _logps_from_logits(logits, targets)
+        return _logps_from_logits(_tempered(logits, temperature), targets)
     hidden = model.model(inputs, cache=cache)[:, :length]
     batch, _, width = hidden.shape
-    logps = chunked_head_logps(head, hidden.reshape(batch * length, width), targets.reshape(-1))
+    logps = chunked_head_logps(head, hidden.reshape(batch * length, width), targets.reshape(-1),
+                               temperature=temperature)
     return logps.reshape(batch, length)
+
+
+def _tempered(logits: mx.array, temperature: float) -> mx.array:
+    """logits / temperature (left as they are at 1, the common case, so that no op is added)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 to score log-probs, got {temperature}")
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _pad_width(inputs: mx.array) -> mx.array:
@@ -85,13 +98,14 @@ def _logps_from_logits(logits, targets):
     return target_logits - mx.logsumexp(logits, axis=-1)
 
 
-def chunked_head_logps(head, hidden: mx.array, targets: mx.array, chunk: int = CHUNK_TOKENS) -> mx.array:
-    """log softmax(head(hidden))[targets] for (N, H) hidden states and (N,) targets, in float32,
-    chunk tokens at a time in both passes. The gradient flows to ``hidden`` only."""
+def chunked_head_logps(head, hidden: mx.array, targets: mx.array, chunk: int = CHUNK_TOKENS,
+                       temperature: float = 1.0) -> mx.array:
+    """log softmax(head(hidden) / temperature)[targets] for (N, H) hidden states and (N,) targets,
+    in float32, chunk tokens at a time in both passes. The gradient flows to ``hidden`` only."""
     starts = range(0, hidden.shape[0], chunk)
 
     def chunk_logits(h):
-        return head(h).astype(mx.float32)
+        return _tempered(head(h).astype(mx.float32), temperature)
 
     @mx.custom_function
     def logps_of(hidden, targets):
@@ -104,12 +118,31 @@ def chunked_head_logps(head, hidden: mx.array, targets: mx.array, chunk: int = C
         grads = []
         for s in starts:
             h, y, g = hidden[s:s + chunk], targets[s:s + chunk], cotangent[s:s + chunk]
-            # d logp_y / d logits = onehot(y) - softmax(logits), scaled by the incoming cotangent g.
+            # d logp_y / d z = onehot(y) - softmax(z) for the tempered logits z = head(h) / T, scaled
+            # by the incoming cotangent g; d z / d head(h) = 1 / T.
             d_logits = -mx.softmax(chunk_logits(h), axis=-1) * g[:, None]
             d_logits = mx.put_along_axis(d_logits, y[:, None],
                                          mx.take_along_axis(d_logits, y[:, None], axis=-1) + g[:, None], axis=-1)
-            _, (d_h,) = mx.vjp(head, [h], [d_logits.astype(h.dtype)])
+            _, (d_h,) = mx.vjp(head, [h], [_tempered(d_logits, temperature).astype(h.dtype)])
             grads.append(d_h)
         return mx.concatenate(grads), mx.zeros_like(targets)
 
     return logps_of(hidden, targets)
+
+
+def token_log_sum_sq_probs(model, input_ids: mx.array, temperature: float = 1.0) -> mx.array:
+    """(B, T) ids -> (B, T-1) float32 log Σ_v p_v² of each next-token distribution (under logits /
+    temperature): WPO's alignment term (``algorithms.dpo.wpo_weights``). Not differentiated: the
+    rows are scored a group at a time, each evaluated before the next, so that the float32 logits
+    held at once stay under ``CHUNK_ABOVE_BYTES``."""
+    inputs = input_ids[:, :-1]
+    length = inputs.shape[1]
+    vocabulary = getattr(getattr(model, "args", None), "vocab_size", None) or 1
+    rows = max(1, CHUNK_ABOVE_BYTES // max(1, length * vocabulary * 4))
+    parts = []
+    for start in range(0, inputs.shape[0], rows):
+        logits = _tempered(model(_pad_width(inputs[start:start + rows]))[:, :length].astype(mx.float32), temperature)
+        part = mx.stop_gradient(mx.logsumexp(2 * logits, axis=-1) - 2 * mx.logsumexp(logits, axis=-1))
+        mx.eval(part)
+        parts.append(part)
+    return mx.concatenate(parts)

@@ -6,7 +6,7 @@ import contextlib
 import mlx.core as mx
 import numpy as np
 
-from macft.mlx.reference import load_reference_model, reference_policy
+from macft.mlx.reference import load_reference_model, reference_policy, snapshot_adapter
 from macft.mlx.sampling import sample_completions
 from macft.mlx.trainer import sequence_logps
 
@@ -30,6 +30,9 @@ class MLXOnline:
 
     def make_reference(self, path=None):
         return load_reference_model(self.model, path)
+
+    def snapshot_adapter(self):
+        return snapshot_adapter(self.model)
 
     def reference_policy(self, policy, reference):
         return reference_policy(policy, reference)

@@ -3,20 +3,32 @@
 One training step, for B = ``per_device_train_batch_size`` prompts and G = ``num_generations``:
 
 1. Rollout: G completions per prompt, all B x G decoded together with one shared prefill per
-   prompt (the backend's ``sample_completions``), with the policy as it is at that step.
+   prompt (the backend's ``sample_completions``), with the policy as it is at that step. A
+   completion stops at the tokenizer's EOS or any EOS id of the model's generation config
+   (``online.eos_token_ids``); that token stays in it and in its mask, and it is not truncated.
 2. Rewards: every reward function scores every completion (``rewards.score_completions``);
    DAPO's soft overlong punishment is added when ``overlong_buffer_length`` is set. With
    ``dynamic_sampling`` (DAPO), the groups whose G rewards are all equal are sampled again, up to
    ``max_sampling_rounds`` rounds; the groups still equal after that are dropped with a warning.
-3. Advantages per group (``algorithms.grpo.grpo_advantages``, ``scale_rewards``).
+3. Advantages per group (``algorithms.grpo.grpo_advantages``, ``scale_rewards``). A completion
+   that every reward function gave None is unscorable (``rewards.unscorable``): as in TRL, its
+   reward is NaN, it stays out of the group mean and std (and the batch std), and its advantage
+   is 0; so is every advantage of a group with fewer than two scorable completions. With
+   scale_rewards="batch" the std is that of all the rewards of the optimizer step, on every
+   rank (TRL's generation batch): the step's rollouts are all made before its advantages.
 4. Log-probs of the sampling policy (only when ``num_iterations`` > 1: with one iteration the
-   batch is on-policy and the ratio is 1, as in TRL) and of the reference (only when beta > 0:
-   the base with the adapters switched off, or a frozen copy after full fine-tuning).
+   batch is on-policy and the ratio is 1, as in TRL) and of the reference (only when beta > 0):
+   the policy as the trainer received it: the base with the adapters switched off (a fresh
+   adapter), its starting adapter weights frozen (an adapter already trained, e.g. by SFT; TRL's
+   "ref" adapter), or a frozen copy after full fine-tuning; or the model at ``reference_model_path``.
 5. The clipped surrogate ``algorithms.grpo.grpo_loss`` with the config's loss_type, epsilon,
    epsilon_high, importance_sampling_level and beta, on the backend's ``completion_logps``.
+   Every log-prob (policy, sampling policy, reference) is taken under logits / temperature, as TRL.
 
-Logged per step (metrics.jsonl): reward_mean, reward_std, rewards/<function>/mean and /std,
-frac_reward_zero_std (all of the policy's first sample of the step's prompts), completion_length,
+Logged per step (metrics.jsonl): reward_mean, reward_std (both without the unscorable
+completions, as TRL), rewards/<function>/mean and /std, frac_reward_zero_std,
+frac_reward_unscorable (the share of unscorable completions; all of these over the policy's
+first sample of the step's prompts), completion_length,
 completion_truncated_frac, rollout_tokens_per_sec, clip_fraction (the share of completion tokens
 whose ratio was clipped; also TRL's clip_ratio/low_mean, /high_mean, /region_mean), kl when
 beta > 0, sampling_rounds and kept_groups_frac with dynamic sampling; the evaluation (validation
@@ -24,7 +36,8 @@ prompts, one greedy completion each) logs eval_reward_mean.
 
 ``num_iterations`` = μ > 1 reuses each rollout for μ optimizer steps: the ratio π/π_old then moves
 away from 1 and the clip acts. With ``gradient_accumulation_steps`` = k, k rollouts make one
-step and the same k are replayed μ times.
+step and the same k are replayed μ times, each replay one step; the short last chunk of an epoch
+(c < k prompt batches) is replayed μ times as μ steps of c micro-batches (TRL drops it).
 
 Unlike TRL, where ``per_device_train_batch_size`` counts completions, here it counts prompts
 (as mlx-lm-lora's ``--batch-size`` does): a micro-batch holds B x G completions.
@@ -44,12 +57,12 @@ from typing import NamedTuple
 import numpy as np
 
 from algorithms.dapo import groups_with_mixed_rewards, mask_truncated_completions, soft_overlong_punishment
-from algorithms.grpo import LOSS_TYPES, grpo_advantages, grpo_loss
+from algorithms.grpo import LOSS_TYPES, batch_reward_std, grpo_advantages, grpo_loss
 from macft.config import ConfigError, GRPOConfig
 from macft.data import DataError, has_split, load_prompt_dataset
 from macft.rewards import (RewardError, RewardFunction, RewardTrainerState, load_reward_functions,
-                           score_completions)
-from macft.trainers.online import as_completions, columns_of, data_file
+                           score_completions, unscorable)
+from macft.trainers.online import as_completions, columns_of, data_file, eos_token_ids
 from macft.trainers.sft import data_options
 
 
@@ -65,6 +78,16 @@ class RolloutBatch(NamedTuple):
     ref_logps: object  # (N, C) under the reference; None when beta == 0
     num_tokens: int  # real tokens of the N sequences, prompt + completion
     completion_tokens: float  # completion tokens left in the loss (after truncation masking)
+
+
+class ScoredRollout(NamedTuple):
+    """A prompt batch's completions and rewards before the advantages (those of the groups that
+    dynamic sampling kept), so that scale_rewards="batch" can see a whole step's rewards first."""
+
+    examples: list  # the prompts, each owning G consecutive completions
+    completions: list  # token-id lists
+    truncated: list  # bool per completion
+    rewards: np.ndarray  # (N,) float64 total reward, NaN where unscorable
 
 
 def completion_tensors(completions: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +146,10 @@ class GRPOLogic:
         self.reward_functions = reward_funcs if loaded else load_reward_functions(reward_funcs,
                                                                                    self.args.reward_weights)
         self._check_config()
+        # The adapter as the trainer receives the model, frozen: π_ref when it is already trained (TRL's
+        # "ref" adapter; None for a fresh one), taken once, so that a second train() keeps the reference.
+        self.starting_adapter = (self.snapshot_adapter() if self.args.beta != 0.0
+                                 and not self.args.reference_model_path else None)
 
     def default_config(self):
         return GRPOConfig()
@@ -140,15 +167,23 @@ class GRPOLogic:
                                   f"{', '.join(str(x) for x in allowed if not isinstance(x, bool))}")
         if a.num_iterations < 1:
             raise ConfigError(f"num_iterations must be >= 1, got {a.num_iterations}")
+        if not a.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 (log-probs use logits / temperature), got {a.temperature}")
         if a.max_completion_length < 1:
             raise ConfigError(f"max_completion_length must be >= 1, got {a.max_completion_length}")
         if a.overlong_buffer_length is not None and not 0 <= a.overlong_buffer_length <= a.max_completion_length:
             raise ConfigError(f"overlong_buffer_length must lie in [0, max_completion_length="
                               f"{a.max_completion_length}], got {a.overlong_buffer_length}")
+        if a.reference_model_path and a.beta == 0.0:
+            warnings.warn(f"reference_model_path={a.reference_model_path} is not used: with beta = 0 there is no "
+                          "KL term (set beta > 0 to train against it)", stacklevel=3)
 
     # -- the backend's part (besides OnlineBackend's calls)
     def completion_logps(self, model, prompt_ids: list, completion_ids):
-        """(N, C) log-probs of each completion token given its prompt and the tokens before it."""
+        """(N, C) log-probs of each completion token given its prompt and the tokens before it, under
+        logits / ``args.temperature``: the policy's, the sampling policy's and the reference's alike,
+        as TRL's GRPOTrainer scores them (``add_fused_lm_head(model, temperature=...)``), so that the
+        ratio and the KL compare the distributions the completions were sampled from."""
         raise NotImplementedError
 
     # -- data
@@ -170,10 +205,13 @@ class GRPOLogic:
             default_system=a.default_system_prompt, **data_options(self.args, self.tokenizer))[0]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        self.eos_ids = [] if eos is None else [int(eos)]
-        # π_ref: the adapters-off base for LoRA/DoRA (None here), a frozen copy after full fine-tuning.
-        self.reference = self.make_reference() if a.beta != 0.0 else None
+        # The tokenizer's EOS and the model's generation-config EOS ids (Llama 3's <|eot_id|>), as TRL.
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model)
+        # π_ref: the model at reference_model_path, a frozen copy after full fine-tuning, the starting
+        # adapter (an AdapterSnapshot), or None: the adapters-off base.
+        self.reference = self.make_reference(a.reference_model_path) if a.beta != 0.0 else None
+        if self.reference is None:
+            self.reference = self.starting_adapter
         self._step_rollouts = []
 
     def _prompt_batches(self, epoch: int) -> list[list]:
@@ -185,24 +223,72 @@ class GRPOLogic:
         return math.ceil(len(self.examples) / self.args.per_device_train_batch_size) * self.args.num_iterations
 
     def micro_batches(self, epoch: int, skip: int = 0):
-        """k = gradient_accumulation_steps rollouts, each generated when first needed, then the same
-        k replayed num_iterations times. After a resume inside a replay the rollout is sampled
-        again with the current policy (rollouts are not checkpointed)."""
+        """The epoch's prompt batches in chunks of k = global_accumulation_steps (one optimizer step on
+        every rank): each chunk's k rollouts, then the same k replayed num_iterations times, each
+        replay one optimizer step (``step_size_at``). A rollout is generated when first needed, or,
+        with scale_rewards="batch", all the chunk's at its start (``_chunk_rollouts``). After a
+        resume inside a replay the rollouts are sampled again with the current policy (rollouts are
+        not checkpointed)."""
         accumulate, iterations = self.global_accumulation_steps, self.args.num_iterations
         batches = self._prompt_batches(epoch)
         index = 0
         for chunk_start in range(0, len(batches), accumulate):
             chunk = batches[chunk_start:chunk_start + accumulate]
-            rollouts = [None] * len(chunk)
+            if index + len(chunk) * iterations <= skip:  # trained before the resume
+                index += len(chunk) * iterations
+                continue
+            seeds = [(self.args.seed, epoch, chunk_start + j) for j in range(len(chunk))]
+            rollouts = self._chunk_rollouts(chunk, seeds, first_index=index)
             for _ in range(iterations):
                 for j, examples in enumerate(chunk):
                     if index >= skip and not self.owns_micro_batch(index):
                         yield None  # another rank rolls these prompts out
                     elif index >= skip:
                         if rollouts[j] is None:
-                            rollouts[j] = self._rollout(examples, seed=(self.args.seed, epoch, chunk_start + j))
+                            rollouts[j] = self._rollout(examples, seed=seeds[j])
                         yield rollouts[j]
                     index += 1
+
+    def _chunk_rollouts(self, chunk: list, seeds: list, first_index: int) -> list:
+        """The chunk's rollouts made before its first micro-batch is trained: none (each is made when
+        first needed) unless scale_rewards="batch".
+
+        Then every advantage divides by the std of all the chunk's rewards, on every rank, as TRL
+        divides by the std of its whole generation batch (``steps_per_generation`` = gradient
+        accumulation micro-batches of every process, gathered): this rank samples and scores each
+        prompt batch of the chunk it owns, the ranks exchange their rewards (``World.gather``),
+        laid out in the chunk's order whatever the number of ranks, and
+        ``algorithms.grpo.batch_reward_std`` of them all is the std. The completions are those of
+        lazy generation: each rollout is seeded by its place in the epoch, and all of a step's
+        rollouts are made before its first gradient either way."""
+        if self.args.scale_rewards != "batch":
+            return [None] * len(chunk)
+        owned = [j for j in range(len(chunk)) if self.owns_micro_batch(first_index + j)]
+        scored = {j: self._sample_and_score(chunk[j], seeds[j]) for j in owned}
+        shares = self.world.gather([[j, scored[j].rewards.tolist()] for j in owned])
+        rewards = [r for _, values in sorted(pair for share in shares for pair in share) for r in values]
+        std = batch_reward_std(self.to_array(np.array(rewards, dtype=np.float64)))
+        return [self._training_batch(scored[j], batch_std=std) if j in scored else None for j in range(len(chunk))]
+
+    def step_size_at(self, index: int) -> int:
+        """Micro-batches in the optimizer step that starts at the epoch's micro-batch ``index``: k,
+        and in the short last chunk (fewer than k prompt batches left) its length, so that each
+        replay of it (num_iterations > 1) is one step, as each replay of a full chunk is.
+
+        TRL 1.16 takes one optimizer step per replay of a generation batch too (``_prepare_inputs``
+        regenerates every steps_per_generation x num_iterations micro-steps; with the default
+        steps_per_generation = gradient_accumulation_steps one step is one pass over the batch), but
+        its ``RepeatSampler`` drops an incomplete last generation batch, which macft trains on."""
+        accumulate, iterations = self.global_accumulation_steps, self.args.num_iterations
+        full_chunks = math.ceil(len(self.examples) / self.args.per_device_train_batch_size) // accumulate
+        if index < full_chunks * accumulate * iterations:
+            return accumulate
+        return math.ceil(len(self.examples) / self.args.per_device_train_batch_size) - full_chunks * accumulate
+
+    def optimizer_steps_per_epoch(self) -> int:
+        """num_iterations steps per chunk of k prompt batches, the short last one included."""
+        batches = math.ceil(len(self.examples) / self.args.per_device_train_batch_size)
+        return math.ceil(batches / self.global_accumulation_steps) * self.args.num_iterations
 
     def owns_micro_batch(self, index: int) -> bool:
         """Rank r rolls out position j of each chunk of prompt batches when j = r mod ranks, and
@@ -227,6 +313,21 @@ class GRPOLogic:
 
     # -- rollout
     def _rollout(self, examples, seed) -> RolloutBatch:
+        """One prompt batch's micro-batch: sampled, scored, with advantages from its own rewards."""
+        return self._training_batch(self._sample_and_score(examples, seed))
+
+    def _training_batch(self, scored: ScoredRollout, batch_std=None) -> RolloutBatch:
+        """The micro-batch of a scored rollout: its advantages (unscorable completions, NaN
+        rewards, get 0 and stay out of the statistics) and its log-probs. batch_std: with
+        scale_rewards="batch", the std of the whole step's rewards (``_chunk_rollouts``)."""
+        a: GRPOConfig = self.args
+        advantages, _ = grpo_advantages(self.to_array(scored.rewards), a.num_generations,
+                                        scale_rewards=a.scale_rewards, batch_std=batch_std)
+        return self.make_rollout_batch(scored.examples, scored.completions, scored.truncated, advantages)
+
+    def _sample_and_score(self, examples, seed) -> ScoredRollout:
+        """Sample G completions per prompt (seeded by ``seed``), score them, sample again with
+        dynamic sampling, and record the step's rollout metrics."""
         a: GRPOConfig = self.args
         group = a.num_generations
         self.seed_sampling(int(np.random.default_rng(list(seed)).integers(2**31)))
@@ -266,16 +367,21 @@ class GRPOLogic:
         kept_examples = [e for e, k in zip(examples, keep) if k]
         completions = [c for c, r in zip(completions, rows) if r]
         truncated = [t for t, r in zip(truncated, rows) if r]
-        advantages, _ = grpo_advantages(self.to_array(rewards[rows]), group, scale_rewards=a.scale_rewards)
-        batch = self.make_rollout_batch(kept_examples, completions, truncated, advantages)
-
         self._record(first_rewards, first_per_function, first_completions, first_truncated, generated,
                      rollout_seconds, rounds, float(keep.mean()))
-        return batch
+        return ScoredRollout(kept_examples, completions, truncated, rewards[rows])
 
     def _mixed_groups(self, rewards: np.ndarray, group: int) -> np.ndarray:
-        grouped = self.to_array(rewards.reshape(-1, group))
-        return np.asarray(self.to_numpy(groups_with_mixed_rewards(grouped)), dtype=bool)
+        """The groups whose scorable rewards are not all equal. An unscorable completion (NaN) takes
+        its group's mean of the scorable ones, so it neither mixes nor unmixes the group; a group
+        with no scorable completion is not mixed (all its advantages are 0)."""
+        grouped = rewards.reshape(-1, group)
+        scorable = np.isfinite(grouped)
+        counts = scorable.sum(axis=1, keepdims=True)
+        means = np.where(scorable, grouped, 0.0).sum(axis=1, keepdims=True) / np.maximum(counts, 1)
+        filled = np.where(scorable, grouped, means)
+        mixed = np.asarray(self.to_numpy(groups_with_mixed_rewards(self.to_array(filled))), dtype=bool)
+        return mixed & (counts[:, 0] > 0)
 
     def _sample(self, examples):
         a: GRPOConfig = self.args
@@ -285,7 +391,8 @@ class GRPOLogic:
         return list(rollout.completion_ids), list(rollout.truncated), rollout.num_tokens
 
     def _score(self, examples, completions, truncated, group=None, during=None):
-        """(total reward (N,), each function's scores) for completions in prompt-major order."""
+        """(total reward (N,), each function's scores) for completions in prompt-major order; the
+        total is NaN for an unscorable completion (``rewards.unscorable``)."""
         a: GRPOConfig = self.args
         group = group or a.num_generations
         during = during or f"step {self.state['step'] + 1}"
@@ -309,6 +416,9 @@ class GRPOLogic:
             penalty = a.overlong_penalty_factor * np.asarray(penalty, dtype=np.float64)
             per_function["overlong_punishment"] = penalty
             total = total + penalty
+        # Unscorable (every function returned None): NaN, left out of the advantages' statistics.
+        # The overlong punishment counts as a function (TRL's is one: its soft_overlong_punishment).
+        total[unscorable(per_function, len(completions))] = np.nan
         return total, per_function
 
     def make_rollout_batch(self, examples, completions, truncated, advantages) -> RolloutBatch:
@@ -340,7 +450,8 @@ class GRPOLogic:
         _, stats = grpo_advantages(self.to_array(rewards), group, scale_rewards="group")
         lengths = np.array([len(c) for c in completions], dtype=np.float64)
         record = {"reward_mean": float(stats["reward"]), "reward_std": float(stats["reward_std"]),
-                  "frac_reward_zero_std": float(stats["frac_reward_zero_std"])}
+                  "frac_reward_zero_std": float(stats["frac_reward_zero_std"]),
+                  "frac_reward_unscorable": float(stats["frac_reward_unscorable"])}
         for name, scores in per_function.items():
             finite = scores[np.isfinite(scores)]
             if finite.size:
@@ -354,7 +465,7 @@ class GRPOLogic:
             self._step_rollouts = []
         self._step_rollouts.append((record, generated, seconds))
         records = [r for r, _, _ in self._step_rollouts]
-        merged = {k: float(np.mean([r[k] for r in records if k in r])) for k in records[-1]}
+        merged = {k: _mean_of_numbers([r[k] for r in records if k in r]) for k in records[-1]}
         tokens = sum(g for _, g, _ in self._step_rollouts)
         elapsed = sum(s for _, _, s in self._step_rollouts)
         merged.update({"rollout_tokens": tokens, "rollout_time_s": elapsed,
@@ -382,7 +493,7 @@ class GRPOLogic:
             lengths.extend(len(c) for c in rollout.completion_ids)
             for name, values in per_function.items():
                 scores.setdefault(name, []).extend(values)
-        result = {"eval_reward_mean": float(np.mean(totals)), "eval_completion_length": float(np.mean(lengths))}
+        result = {"eval_reward_mean": _mean_of_numbers(totals), "eval_completion_length": float(np.mean(lengths))}
         for name, values in scores.items():
             finite = np.array(values)[np.isfinite(values)]
             if finite.size:
@@ -402,3 +513,11 @@ class GRPOLogic:
         metrics = {k: v for k, v in metrics.items() if not k.endswith(("_min", "_max"))}
         metrics["clip_fraction"] = metrics["clip_ratio/region_mean"]
         return loss, metrics
+
+
+def _mean_of_numbers(values) -> float:
+    """The mean of the values that are not NaN (unscorable completions, a rollout with none
+    scorable), NaN when none is, as TRL's ``nanmean``."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")

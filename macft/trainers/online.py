@@ -43,9 +43,15 @@ class OnlineBackend:
         or the model at ``path``."""
         raise NotImplementedError
 
+    def snapshot_adapter(self):
+        """The policy's adapter weights as they are now, frozen (the reference's backend's
+        ``AdapterSnapshot``), or None when the adapter does not change the base model (a fresh one)."""
+        raise NotImplementedError
+
     def reference_policy(self, policy, reference):
         """Context manager yielding the model that computes π_ref (``policy`` with its adapters
-        switched off when ``reference`` is None)."""
+        switched off when ``reference`` is None, with the snapshot's adapter weights when it is an
+        ``AdapterSnapshot``)."""
         raise NotImplementedError
 
     def sequence_logps(self, model, input_ids):
@@ -69,15 +75,24 @@ def data_file(data) -> list[Path]:
     return []
 
 
-def eos_token_ids(tokenizer, model_config: dict) -> list[int]:
-    """The tokens that end a completion: the tokenizer's EOS and the model config's."""
-    ids = []
-    for value in (tokenizer.eos_token_id, model_config.get("eos_token_id")):
-        for token in value if isinstance(value, (list, tuple)) else [value]:
-            if token is not None and int(token) not in ids:
-                ids.append(int(token))
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS first, then every EOS id that the
+    model's generation_config.json and config.json name (a model loaded by ``FastLanguageModel``).
+
+    Chat models end a turn with a token that is not the tokenizer's EOS: Llama 3 Instruct's
+    tokenizer ends with <|end_of_text|>, its turns with <|eot_id|>, and generation_config.json
+    lists both. Stopping at the tokenizer's EOS alone lets such a completion run on past the end
+    of its answer, and counts it as truncated. TRL's GRPOTrainer stops at the tokenizer's EOS
+    plus ``model.generation_config.eos_token_id`` (which transformers fills from config.json when
+    the model has no generation_config.json), so both files are read here.
+    """
+    from macft.hf_generate import eos_ids_of, model_generation_config
+
+    info = model.macft
+    ids = eos_ids_of(tokenizer, model_generation_config(info.path), info.config or {})
     if not ids:
-        raise ConfigError("the tokenizer has no EOS token: completions could never end")
+        raise ConfigError("neither the tokenizer nor the model config names an EOS token: completions "
+                          "could never end")
     return ids
 
 

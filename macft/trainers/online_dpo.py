@@ -83,7 +83,7 @@ class OnlineDPOLogic:
         self.reference = (self.ref_model if self.ref_model is not None
                           else self.make_reference(args.reference_model_path))
         tokenizer = self.tokenizer
-        self.eos_ids = eos_token_ids(tokenizer, self.model.macft.config)
+        self.eos_ids = eos_token_ids(tokenizer, self.model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def steps_per_epoch(self) -> int:

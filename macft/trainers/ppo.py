@@ -38,7 +38,7 @@ from algorithms.ppo import kl_penalized_rewards, masked_whiten, ppo_advantages, 
 from macft.config import ConfigError, PPOConfig
 from macft.data import DataError, load_prompt_dataset
 from macft.errors import TrainingError
-from macft.trainers.online import as_completions, columns_of, data_file
+from macft.trainers.online import as_completions, columns_of, data_file, eos_token_ids
 from macft.trainers.sft import data_options
 from macft.trainers.value_head import pad_right
 
@@ -172,7 +172,7 @@ class PPOLogic:
                                 "first, or load with full_finetuning=True")
         tokenizer = self.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = self._eos_token_ids()
+        self.eos_ids = eos_token_ids(tokenizer, self.policy)
         self.prompts = self._load_prompts()
         if len(self.prompts) < self.rollout_size:
             raise DataError(f"{len(self.prompts)} prompts make no full rollout of {self.rollout_size} "
@@ -188,12 +188,6 @@ class PPOLogic:
         examples, _ = load_prompt_dataset(data, self.tokenizer, "train", max_prompt_length=self.args.max_prompt_length,
                                           **data_options(self.args, self.tokenizer))
         return examples
-
-    def _eos_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        configured = self.policy.macft.config.get("eos_token_id")
-        ids.update(configured if isinstance(configured, list) else [] if configured is None else [configured])
-        return sorted(ids)
 
     # -- data
     def steps_per_epoch(self) -> int:

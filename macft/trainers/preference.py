@@ -91,8 +91,9 @@ class PreferenceBackend:
     the names are ``macft.trainers.online.OnlineBackend``'s)."""
 
     def make_reference(self, path=None):
-        """π_ref: None for the adapters-off base (LoRA/DoRA), else a frozen copy (full fine-tuning)
-        or the model at ``path``."""
+        """π_ref: the model at ``path``, a frozen copy (full fine-tuning), the adapter weights the
+        policy came with when they were trained (an ``AdapterSnapshot``, TRL's "ref" adapter), or
+        None for the adapters-off base (a fresh LoRA/DoRA adapter)."""
         raise NotImplementedError
 
     def reference_policy(self, reference):
@@ -101,7 +102,12 @@ class PreferenceBackend:
         raise NotImplementedError
 
     def frozen_completion_logps(self, model, input_ids, target_mask):
-        """(R,) completion log-prob sums of ``model``, outside the gradient and evaluated."""
+        """(R,) completion log-prob sums of ``model``, outside the gradient and evaluated
+        (``target_mask`` may hold token weights other than 0/1: LD-DPO's)."""
+        raise NotImplementedError
+
+    def frozen_log_sum_sq_probs(self, model, input_ids):
+        """(R, T-1) log Σ_v p_v² of ``model``'s next-token distributions (WPO), outside the gradient."""
         raise NotImplementedError
 
     def concatenate(self, arrays):
@@ -280,9 +286,11 @@ class PreferenceAlgorithm(PreferenceBackend, TrainingLoop):
 class DPOAlgorithm(PreferenceAlgorithm):
     """Direct Preference Optimization (``algorithms.dpo``), TRL's DPOTrainer.
 
-    The reference is the base model with the adapters switched off (LoRA/DoRA), a frozen copy of the
-    base (full fine-tuning), or ``reference_model_path``; its log-probs are computed before the
-    gradient step, per batch or once (``precompute_ref_log_probs``).
+    The reference is the policy as the trainer receives it: the base model with the adapters switched
+    off (a fresh LoRA/DoRA adapter), the policy with its starting adapter weights frozen (an adapter
+    already trained, e.g. by SFT: TRL's "ref" adapter), a frozen copy of the base (full fine-tuning);
+    or ``reference_model_path``. Its log-probs are computed before the gradient step, per batch or
+    once (``precompute_ref_log_probs``).
     """
 
     uses_reference = True
@@ -291,19 +299,45 @@ class DPOAlgorithm(PreferenceAlgorithm):
         return DPOConfig()
 
     def check_config(self):
+        names = [self.args.loss_type] if isinstance(self.args.loss_type, str) else list(self.args.loss_type)
+        if "aot_pair" in names:  # older TRL: sorted ρ_c against sorted ρ_r; TRL 1.16 refuses the name
+            raise ConfigError("DPO loss_type 'aot_pair' is older TRL's name for what TRL 1.16 calls 'aot_unpaired'; "
+                              "use 'aot_unpaired' (or 'aot', which sorts the policy's and the reference's margins)")
         check_loss_type(self.args.loss_type, dpo.LOSS_TYPES, "DPO")
 
-    def pair_loss(self, pairs: PairLogps, reference=None):
+    # LD-DPO (``ld_alpha``): the reference sums take the same token weights as the policy's.
+    # WPO (``use_weighting``): the policy's log Σ_v p_v² comes from one more forward pass without
+    # gradient when the micro-batch is made (the step's weights, before its update), appended to
+    # the batch after the reference log-probs.
+    def _reference_logps(self, input_ids, target_mask):
+        return super()._reference_logps(input_ids, dpo.ld_token_weights(target_mask, self.args.ld_alpha))
+
+    def batch_extras(self, examples, input_ids, target_mask) -> tuple:
+        if not self.args.use_weighting:
+            return ()
+        return (self.frozen_log_sum_sq_probs(self.model, input_ids),)
+
+    def loss(self, model, input_ids, target_mask, counts, reference, log_sum_sq_probs=None):
+        return self.dpo_loss(self.token_logps(model, input_ids), target_mask, reference, log_sum_sq_probs)
+
+    def pair_loss(self, pairs: PairLogps, reference=None, log_sum_sq_probs=None):
+        token_logps = self.concatenate([pairs.chosen, pairs.rejected])
+        return self.dpo_loss(token_logps, self.concatenate([pairs.chosen_mask, pairs.rejected_mask]), reference,
+                             log_sum_sq_probs)
+
+    def dpo_loss(self, token_logps, target_mask, reference, log_sum_sq_probs=None):
+        """(loss, metrics) of the (2B, T-1) [chosen; rejected] token log-probs against the (2B,)
+        reference sums (``algorithms.dpo.dpo_pair_loss``)."""
         args: DPOConfig = self.args
-        chosen, rejected = pairs.sums()
-        chosen_lengths, rejected_lengths = pairs.lengths()
-        half = chosen.shape[0]
-        loss, metrics = dpo.dpo_loss(chosen, rejected, reference[:half], reference[half:], beta=args.beta,
-                                 loss_type=args.loss_type, label_smoothing=args.label_smoothing,
-                                 chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+        loss, metrics = dpo.dpo_pair_loss(token_logps, target_mask, reference, beta=args.beta,
+                                          loss_type=args.loss_type, loss_weights=args.loss_weights,
+                                          label_smoothing=args.label_smoothing, discopop_tau=args.discopop_tau,
+                                          ld_alpha=args.ld_alpha, use_weighting=args.use_weighting,
+                                          log_sum_sq_probs=log_sum_sq_probs)
         if args.rpo_alpha:
             # RPO (arXiv:2404.19733): the chosen completions' token NLL, TRL's "sft" loss term.
-            nll, _ = sft_loss(pairs.chosen, pairs.chosen_mask)
+            half = token_logps.shape[0] // 2
+            nll, _ = sft_loss(token_logps[:half], target_mask[:half])
             loss = loss + args.rpo_alpha * nll
             metrics["nll_loss"] = self.detach(nll)
         return loss, metrics

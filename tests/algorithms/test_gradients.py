@@ -45,10 +45,18 @@ def _cases():
             sums = sequence_logps(a["logps"], c(d["mask"]))
             ref = sequence_logps(c(d["ref"]), c(d["mask"]))
             lengths = c(d["mask"].sum(1))
+            chosen_nll = sft.sft_loss(a["logps"][:B], c(d["mask"][:B]))[0] if loss_type == "sft" else None
             return dpo.dpo_loss(sums[:B], sums[B:], ref[:B], ref[B:], beta=0.2, loss_type=loss_type,
-                                label_smoothing=smoothing, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
+                                label_smoothing=smoothing, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
+                                chosen_nll=chosen_nll)
 
         add(f"dpo-{loss_type}", lambda d: {"logps": d["logps"]}, dpo_case)
+    for ld_alpha, weighting in ((0.5, False), (None, True), (0.2, True)):
+        add(f"dpo-tokens-ld{ld_alpha}-wpo{weighting}", lambda d: {"logps": d["logps"]},
+            lambda a, d, c, al=ld_alpha, w=weighting: dpo.dpo_pair_loss(
+                a["logps"], c(d["mask"]), sequence_logps(c(d["ref"]), dpo.ld_token_weights(c(d["mask"]), al)),
+                beta=0.2, loss_type=["sigmoid", "ipo", "sft"], loss_weights=[1.0, 0.1, 0.5], ld_alpha=al,
+                use_weighting=w, log_sum_sq_probs=c(d["values"] - 2.0)))
     for loss_type in cpo.LOSS_TYPES:
         for alpha in (0.0, 0.3):
             add(f"cpo-{loss_type}-alpha{alpha}", lambda d: {"logps": d["logps"]},

@@ -118,7 +118,10 @@ def test_dpo_loss_and_one_adamw_step_match_mlx(tiny_model_dir, tmp_path):
     mlx_model, bridge_model, tokenizer = twin_models(tiny_model_dir("llama"))
     steps = []
     for module, model, name in ((macft.mlx.dpo, mlx_model, "mlx"), (cuda_bridge.dpo, bridge_model, "bridge")):
-        args = DPOConfig(rpo_alpha=0.5, **config_values(tmp_path, name))
+        # The twins start from the same non-zero adapter, which would be the frozen reference (TRL's
+        # "ref" adapter); the bare base as an explicit reference keeps the margins away from 0.
+        args = DPOConfig(rpo_alpha=0.5, reference_model_path=str(tiny_model_dir("llama")),
+                         **config_values(tmp_path, name))
         trainer = module.DPOTrainer(model=model, processing_class=tokenizer, args=args,
                                     train_dataset=preference_rows())
         steps.append(first_step(trainer))

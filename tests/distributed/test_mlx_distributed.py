@@ -119,6 +119,20 @@ def test_two_ranks_train_as_one_process_with_the_same_global_batch(algorithm, ti
     assert settings["world_size"] == 2 and settings["total_steps"] == 3
 
 
+def test_batch_scaled_grpo_takes_the_std_over_every_rank(tiny_model_dir, tmp_path):
+    """scale_rewards="batch": the advantages divide by the std of all the step's rewards, which two
+    ranks gather from each other (World.gather), so they train as one process whose step holds
+    both micro-batches (tests/mlx/test_grpo.py checks that one against TRL)."""
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD_FILE)
+    args = [*common(tiny_model_dir), "--data", str(write_jsonl(tmp_path / "data" / "train.jsonl", PROMPTS).parent),
+            "--reward-fn", str(reward), "--group-size", "4", "--max-completion-length", "6",
+            "--scale-rewards", "batch"]
+    train("macft.grpo", args, 2, tmp_path / "two", accumulation=1)
+    train("macft.grpo", args, 1, tmp_path / "one", accumulation=2)
+    assert_same_run(tmp_path / "two", tmp_path / "one", ("loss", "grad_norm", "reward_mean", "reward_std"))
+
+
 def test_a_killed_two_rank_run_resumes_on_one_process(tiny_model_dir, tmp_path):
     args = [*common(tiny_model_dir, iters=8), "--save-every", "1",
             "--data", str(write_jsonl(tmp_path / "data" / "train.jsonl", ROWS).parent)]

@@ -221,22 +221,160 @@ def test_a_failing_reward_stops_the_run_and_keeps_the_checkpoints(tiny_model_dir
     assert saved and all(mx.array_equal(params[k], v).item() for k, v in saved.items())
 
 
-def test_resume_continues_the_same_rollouts(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("settings, resume_at", [
+    ({}, 2),
+    # The whole step's rollouts first (batch std), 3 prompt batches per epoch: steps of 2 and 1.
+    ({"scale_rewards": "batch", "gradient_accumulation_steps": 2}, 1),
+])
+def test_resume_continues_the_same_rollouts(tiny_model_dir, tmp_path, settings, resume_at):
     """Rollouts are seeded by (seed, epoch, batch), so a run resumed at step 2 samples what the
     uninterrupted run sampled at steps 3 and 4."""
     model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.2)
     full_trainer = grpo(model, tokenizer, tmp_path / "a", reward_funcs=parity_reward, rows=PROMPTS[:6], max_steps=4,
-                        save_steps=2, save_total_limit=None)
+                        save_steps=1, save_total_limit=None, **settings)
     full_trainer.train()
     full = full_trainer.metrics_history
     model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.2)
-    resumed_trainer = grpo(model, tokenizer, tmp_path / "b", reward_funcs=parity_reward, rows=PROMPTS[:6], max_steps=4)
-    resumed_trainer.train(resume_from_checkpoint=tmp_path / "a" / "run" / "checkpoints" / "step_2")
+    resumed_trainer = grpo(model, tokenizer, tmp_path / "b", reward_funcs=parity_reward, rows=PROMPTS[:6], max_steps=4,
+                           **settings)
+    resumed_trainer.train(resume_from_checkpoint=tmp_path / "a" / "run" / "checkpoints" / f"step_{resume_at}")
     resumed = resumed_trainer.metrics_history
-    assert [m["step"] for m in resumed] == [3, 4]
-    for before, after in zip(full[2:], resumed):
+    assert [m["step"] for m in resumed] == list(range(resume_at + 1, 5))
+    for before, after in zip(full[resume_at:], resumed):
         assert after["reward_mean"] == before["reward_mean"] and after["completion_length"] == before["completion_length"]
         assert after["loss"] == pytest.approx(before["loss"], abs=1e-5)
+        assert after["grad_norm"] == pytest.approx(before["grad_norm"], rel=1e-4)  # the same advantages
+
+
+# ----------------------------------------------------------------------------- advantages through the trainer
+
+
+class ScoreLog:
+    """A reward function that keeps what it returned, call by call: None ("not applicable") for a
+    completion whose text has an odd length, else a number that varies with the text."""
+
+    __name__ = "odd_none_reward"
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        scores = [None if len(t) % 2 else float(len(t) % 7) + 0.5 * (len(t) % 3) for t in texts]
+        self.calls.append(scores)
+        return scores
+
+
+def recording(trainer):
+    """Wrap the trainer's micro-batches (the loop's hook) and optimizer steps: yielded rollouts in
+    order, and the micro-batches of each step."""
+    yielded, steps = [], []
+    produce, step_gradients = trainer.micro_batches, trainer.step_gradients
+
+    def micro_batches(*args, **kwargs):
+        for batch in produce(*args, **kwargs):
+            if batch is not None and not any(batch is b for b in yielded):
+                yielded.append(batch)
+            yield batch
+
+    def record_step(micro):
+        steps.append(list(micro))
+        return step_gradients(micro)
+
+    trainer.micro_batches, trainer.step_gradients = micro_batches, record_step
+    return yielded, steps
+
+
+def test_unscorable_completions_get_advantage_zero_and_stay_out_of_the_group_statistics(tiny_model_dir, tmp_path):
+    """A completion every reward function gave None has advantage 0, and its group's others have
+    the advantages TRL's own code gives them (its _generate_and_score_completions on the same
+    scores), with the unscorable left out of the mean and std."""
+    from tests.trl_grpo_advantages import trl_grpo_advantages
+
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    reward = ScoreLog()
+    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=reward, max_steps=3, max_completion_length=8)
+    rollouts, _ = recording(trainer)
+    trainer.train()
+
+    assert len(rollouts) == len(reward.calls) == 3
+    nones = groups_compared = 0
+    for batch, scores in zip(rollouts, reward.calls):
+        advantages = np.array(batch.advantages)
+        expected, _ = trl_grpo_advantages([scores], 4)
+        np.testing.assert_allclose(advantages, expected, rtol=1e-5, atol=1e-6)
+        unscorable = np.array([s is None for s in scores])
+        assert (advantages[unscorable] == 0).all()
+        nones += unscorable.sum()
+        for group in range(2):  # the group statistics without the unscorable, by hand as well
+            rows = slice(4 * group, 4 * group + 4)
+            values = np.array([s for s in scores[rows] if s is not None])
+            if len(values) >= 2 and values.std() > 0:
+                own = (values - values.mean()) / (values.std(ddof=1) + 1e-4)
+                np.testing.assert_allclose(advantages[rows][~unscorable[rows]], own, rtol=1e-5, atol=1e-6)
+                groups_compared += 1
+    assert 0 < nones < 24 and groups_compared >= 2, reward.calls  # the case is really exercised
+
+    steps = [m for m in trainer.metrics_history if "loss" in m]
+    for record, scores in zip(steps, reward.calls):
+        values = [s for s in scores if s is not None]
+        assert record["frac_reward_unscorable"] == pytest.approx(1 - len(values) / len(scores))
+        assert record["reward_mean"] == pytest.approx(np.mean(values))
+
+
+def test_batch_scaled_rewards_use_the_std_of_the_whole_step(tiny_model_dir, tmp_path):
+    """scale_rewards="batch" with gradient accumulation: the std is that of every reward of the
+    optimizer step (TRL's generation batch), not of one micro-batch: each step's advantages equal
+    TRL's on the step's scores. The completions are those the lazily generating run samples."""
+    from tests.trl_grpo_advantages import trl_grpo_advantages
+
+    runs = {}
+    for scale in ("batch", "group"):
+        model, tokenizer = tiny_policy(tiny_model_dir)
+        reward = ScoreLog()
+        trainer = grpo(model, tokenizer, tmp_path / scale, reward_funcs=reward, max_steps=2,
+                       gradient_accumulation_steps=2, scale_rewards=scale, max_completion_length=8)
+        rollouts, steps = recording(trainer)
+        trainer.train()
+        runs[scale] = rollouts, steps, reward.calls
+
+    rollouts, steps, calls = runs["batch"]
+    assert [len(s) for s in steps] == [2, 2] and len(calls) == 4
+    for number, step in enumerate(steps):
+        scores = calls[2 * number] + calls[2 * number + 1]
+        expected, _ = trl_grpo_advantages([scores], 4, scale_rewards="batch")
+        advantages = np.concatenate([np.array(b.advantages) for b in step])
+        np.testing.assert_allclose(advantages, expected, rtol=1e-5, atol=1e-6)
+        one_micro_batch, _ = trl_grpo_advantages([calls[2 * number]], 4, scale_rewards="batch")
+        assert not np.allclose(advantages[:8], one_micro_batch, atol=1e-3)  # the micro-batch's own std differs
+    # Step 1 runs on the same policy in both runs: the same completions, rollout by rollout.
+    for ours, lazily in zip(rollouts[:2], runs["group"][0][:2]):
+        assert np.array_equal(np.array(ours.completion_ids), np.array(lazily.completion_ids))
+
+
+def test_dynamic_sampling_judges_a_group_by_its_scorable_rewards(tiny_model_dir, tmp_path):
+    """An unscorable completion (NaN) neither mixes nor unmixes its group; a group with nothing
+    scorable has no gradient (all its advantages are 0), so it is sampled again."""
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    trainer = grpo(model, tokenizer, tmp_path)
+    nan = np.nan
+    rewards = np.array([1, nan, 1, 1, 1, nan, 2, 1, nan, nan, nan, nan, nan, 3, nan, nan, 0, 1, 0, 1], dtype=float)
+    assert trainer._mixed_groups(rewards, 4).tolist() == [False, True, False, False, True]
+
+
+def test_each_replay_of_a_short_last_chunk_is_its_own_step(tiny_model_dir, tmp_path):
+    """3 prompt batches, gradient_accumulation_steps 2, num_iterations 2: the chunk of 2 batches is
+    replayed as 2 steps of 2 micro-batches, and the short chunk of 1 as 2 steps of 1 (TRL takes one
+    step per replay of a generation batch; it would drop the short one)."""
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=parity_reward, rows=PROMPTS[:6], max_steps=-1,
+                   num_train_epochs=1, gradient_accumulation_steps=2, num_iterations=2)
+    rollouts, steps = recording(trainer)
+    trainer.train()
+    assert [len(s) for s in steps] == [2, 2, 1, 1]
+    assert len(rollouts) == 3 and trainer.total_steps() == 4
+    assert all(a is b for a, b in zip(steps[0], steps[1])) and steps[2][0] is steps[3][0] is rollouts[2]
+    assert [m["step"] for m in trainer.metrics_history if "loss" in m] == [1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- command line
