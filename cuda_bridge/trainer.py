@@ -9,7 +9,8 @@ The update is the MLX core's, so that one script trains the same way on both mac
 
 - Gradient accumulation: micro-batch i of a step contributes ``share_i * grad(loss_i)`` with
   share_i = batch_weight_i / sum_j batch_weight_j (token-weighted for SFT), as on MLX.
-- Clipping: g <- g * min(max_grad_norm / (||g|| + 1e-6), 1), ||g|| the float32 global norm.
+- Clipping: g <- g * min(max_grad_norm / (||g|| + 1e-6), 1), ||g|| the global norm (summed in
+  float64 here, ``sum_of_squares``; MLX sums in float32, the same to float32's precision).
 - AdamW is MLX's ``optim.AdamW`` (mlx-lm's optimizer), which has no bias correction:
 
       m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2
@@ -58,6 +59,8 @@ from macft.errors import TrainingError
 from macft.training import TrainingLoop
 
 OPTIMIZER_STATE = "optimizer.safetensors"
+# Elements per float64 chunk of the gradient norm (128 MB).
+NORM_CHUNK_ELEMENTS = 1 << 24
 # MLX's optim.AdamW default (bias_correction=False), which macft.mlx.trainer uses.
 ADAM_BIAS_CORRECTION = False
 
@@ -85,10 +88,12 @@ def sum_of_squares(tensors) -> torch.Tensor:
     float64 so that the norm does not depend on how the tensors are split: FSDP sums the squares
     of each rank's shards, data parallelism those of whole tensors, and in float32 the two would
     differ in the last bits, which the clipping scale carries into every weight (and Adam, on
-    the components whose gradient is near zero, far beyond)."""
+    the components whose gradient is near zero, far beyond). Large tensors go in chunks, so the
+    float64 copy is never bigger than one chunk (a full fine-tune's embedding gradient would be GBs)."""
     total = torch.zeros((), dtype=torch.float64)
     for t in tensors:
-        total = total.to(t.device) + torch.linalg.vector_norm(t, dtype=torch.float64).square()
+        for chunk in t.reshape(-1).split(NORM_CHUNK_ELEMENTS):
+            total = total.to(chunk.device) + torch.linalg.vector_norm(chunk, dtype=torch.float64).square()
     return total
 
 
