@@ -20,6 +20,12 @@ its one scorable member is its own mean (and with "group" scaling its std, NaN, 
 the generation batch, all processes gathered (0 when the batch holds a single reward);
 `batch_reward_std` computes it, and a trainer that scores the batch in parts passes it in.
 
+Several reward functions (TRL's multi_objective_aggregation, `multi_objective_advantages`):
+"sum_then_normalize" sums the weighted rewards, then takes the advantages above; "normalize_then_sum"
+(GDPO) normalizes each function's rewards in its group, sums them weighted
+(`normalized_reward_sum`), then normalizes the sums over the generation batch
+(`batch_normalized_advantages`).
+
 Per-token loss, with ρ the importance ratio against the sampling policy π_old:
 
     token level (GRPO):     log ρ_{i,t} = logπ_θ(y_{i,t}) − logπ_old(y_{i,t})
@@ -27,6 +33,9 @@ Per-token loss, with ρ the importance ratio against the sampling policy π_old:
     ℓ_{i,t} = −min(ρ·A_i, clip(ρ, 1 − ε_low, 1 + ε_high)·A_i) + β·KL_{i,t}
     KL_{i,t} = e^{logπ_ref − logπ_θ} − (logπ_ref − logπ_θ) − 1          (k3 estimator)
     (with `delta`, INTELLECT-2's two-sided clip, ρ in the first term is also capped at delta)
+    (with top_entropy_quantile q < 1, the clipped term counts only on the tokens of
+    `high_entropy_mask`: entropy ≥ the (1 − q)-quantile of the micro-batch's completion tokens; the
+    KL term and the normalizer still count every token, as TRL's `_compute_loss`)
 
 Aggregation (loss_type), m the completion mask, B completions in the micro-batch:
 
@@ -50,6 +59,8 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 # Config-field settings (TRL GRPOConfig names) that each paper recommends. DAPO's dynamic
 # sampling and overlong punishment are not GRPOConfig fields: see `dapo.py`.
+# The loss settings of each paper. How many optimizer steps one generation batch feeds (GSPO 4,
+# DAPO 16: what makes their clips act) is the trainer's: macft.config.GENERATION_STEPS.
 PRESETS = {
     # DeepSeekMath §4.1.3/§4.2: per-sequence mean, group-std advantages, ε=0.2, KL β=0.04.
     "grpo": {"loss_type": "grpo", "scale_rewards": "group", "epsilon": 0.2, "epsilon_high": 0.2,
@@ -107,6 +118,83 @@ def grpo_advantages(rewards, num_generations, *, scale_rewards="group", scorable
     return advantages, metrics
 
 
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def multi_objective_advantages(rewards_per_func, num_generations, *, reward_weights=None, scale_rewards="group",
+                               multi_objective_aggregation="sum_then_normalize", batch_mean=None, batch_std=None):
+    """(advantages (B,), metrics) from each reward function's rewards (B, F), NaN where a function
+    returned None, as TRL 1.16's `_generate_and_score_completions` combines them.
+
+    sum_then_normalize (TRL's default): the weighted sum over the functions (NaN counted as 0), NaN
+    where every function returned None, then `grpo_advantages` with scale_rewards.
+    normalize_then_sum (GDPO): `normalized_reward_sum`, then normalized over the generation batch,
+    (s − nanmean(s)) / (nanstd(s) + 1e-4) (std 0 with a single row); scale_rewards plays no part.
+    NaN advantages (unscorable rows) become 0 in both. reward_weights: (F,), default all 1.
+    batch_mean, batch_std: nanmean and `batch_reward_std` of the whole generation batch's sums when
+    the rows are only part of it (with sum_then_normalize, batch_std is that of scale_rewards="batch").
+    """
+    if multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+        raise ValueError(f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
+                         f"got {multi_objective_aggregation!r}")
+    per_func = ops.to_float(rewards_per_func)
+    if multi_objective_aggregation == "sum_then_normalize":
+        weights = _weights(reward_weights, per_func.shape[1])
+        rewards = ops.where(_unscorable(per_func), float("nan") * ops.ones_like(per_func[:, 0]),
+                            _weighted_nansum(per_func, weights))
+        return grpo_advantages(rewards, num_generations, scale_rewards=scale_rewards, batch_std=batch_std)
+
+    rewards = normalized_reward_sum(per_func, num_generations, reward_weights=reward_weights)
+    return batch_normalized_advantages(rewards, batch_mean=batch_mean, batch_std=batch_std)
+
+
+def batch_normalized_advantages(rewards, *, batch_mean=None, batch_std=None):
+    """GDPO's second stage: (advantages, metrics) = ((s − nanmean(s)) / (nanstd(s) + 1e-4), NaN → 0)
+    over the generation batch of `normalized_reward_sum`s s (B,); batch_mean, batch_std: those of
+    the whole batch when `rewards` is part of it."""
+    rewards = ops.to_float(rewards)
+    std = batch_reward_std(rewards) if batch_std is None else batch_std
+    mean = ops.nanmean(rewards) if batch_mean is None else batch_mean
+    advantages = ops.nan_to_zero((rewards - mean) / (std + _STD_EPS))
+    std_per_row = std * ops.ones_like(rewards)
+    metrics = {
+        "frac_reward_zero_std": ops.mean(ops.cast_like(ops.abs(std_per_row) <= 1e-8, rewards)),
+        "frac_reward_unscorable": ops.mean(ops.cast_like(ops.isnan(rewards), rewards)),
+    }
+    return advantages, metrics
+
+
+def normalized_reward_sum(rewards_per_func, num_generations, *, reward_weights=None):
+    """GDPO's first stage (multi_objective_aggregation="normalize_then_sum"): each function's rewards
+    (B, F) normalized in its group, (r_k − nanmean_group(r_k)) / (nanstd_group(r_k) + 1e-4) (std 0
+    when G = 1), then their weighted sum (NaN counted as 0), NaN where every function returned None.
+    Group-local: a generation batch may be computed in parts."""
+    per_func = ops.to_float(rewards_per_func)
+    rows, functions = per_func.shape
+    weights = _weights(reward_weights, functions)
+    grouped = per_func.reshape(-1, num_generations, functions)
+    mean_k = ops.nanmean(grouped, axis=1, keepdims=True)
+    std_k = ops.nanstd(grouped, axis=1, keepdims=True) if num_generations > 1 else ops.zeros_like(mean_k)
+    normalized = ((grouped - mean_k) / (std_k + _STD_EPS)).reshape(rows, functions)
+    return ops.where(_unscorable(per_func), float("nan") * ops.ones_like(per_func[:, 0]),
+                     _weighted_nansum(normalized, weights))
+
+
+def _weights(reward_weights, functions):
+    weights = [1.0] * functions if reward_weights is None else [float(w) for w in reward_weights]
+    if len(weights) != functions:
+        raise ValueError(f"{len(weights)} reward weights for {functions} reward functions")
+    return weights
+
+
+def _unscorable(per_func):
+    return ops.sum(ops.cast_like(~ops.isnan(per_func), per_func), axis=1) == 0
+
+
+def _weighted_nansum(values, weights):
+    return sum(ops.nan_to_zero(values[:, k]) * w for k, w in enumerate(weights))
+
+
 def batch_reward_std(rewards):
     """TRL's std for scale_rewards="batch": `nanstd` (unbiased, over the non-NaN rewards) of every
     reward of the generation batch, 0 when the batch holds one reward, NaN when fewer than two
@@ -117,12 +205,15 @@ def batch_reward_std(rewards):
 
 def grpo_loss(logps, old_logps, advantages, mask, *, ref_logps=None, beta=0.0, epsilon=0.2,
               epsilon_high=None, loss_type="dapo", importance_sampling_level="token",
-              max_completion_length=None, num_items_in_batch=None, delta=None):
+              max_completion_length=None, num_items_in_batch=None, delta=None, entropy_mask=None):
     """(loss, metrics) of the clipped surrogate on per-token log-probs (B, T).
 
     old_logps: log-probs under the sampling policy, or None when training is on-policy
     (then ρ = 1 with the gradient of logπ_θ). advantages: (B,) or (B, T). ref_logps is needed
-    when beta != 0. max_completion_length is needed for loss_type="dr_grpo".
+    when beta != 0. max_completion_length is needed for loss_type="dr_grpo". delta: TRL's
+    two-sided clipping. entropy_mask: `high_entropy_mask` (top_entropy_quantile < 1); it zeroes
+    the policy term (not the KL term) of the other tokens, which still count in the normalizer,
+    as in TRL's `_compute_loss`.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown GRPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
@@ -146,6 +237,8 @@ def grpo_loss(logps, old_logps, advantages, mask, *, ref_logps=None, beta=0.0, e
     clipped_ratio = ops.clip(ratio, 1 - epsilon_low, 1 + epsilon_high)
     unclipped_ratio = ratio if delta is None else ops.clip(ratio, None, delta)
     per_token_loss = -ops.minimum(unclipped_ratio * advantages, clipped_ratio * advantages)
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * ops.cast_like(entropy_mask, per_token_loss)
 
     if beta != 0.0:
         if ref_logps is None:
@@ -171,6 +264,31 @@ def grpo_loss(logps, old_logps, advantages, mask, *, ref_logps=None, beta=0.0, e
     metrics["clip_ratio/low_min"] = ops.min(_per_sequence_mean(low, m))
     metrics["clip_ratio/high_max"] = ops.max(_per_sequence_mean(high, m))
     return loss, metrics
+
+
+def high_entropy_mask(entropies, mask, top_entropy_quantile):
+    """TRL's `get_high_entropy_mask(entropies, mask, 1 - top_entropy_quantile)` (one process):
+    True on the counted tokens whose entropy is at least the (1 − q)-quantile (linear
+    interpolation, as `torch.quantile`) of the entropies of every counted token of the batch;
+    all False when no token counts. entropies, mask: (B, T)."""
+    if not 0.0 < top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must lie in (0, 1], got {top_entropy_quantile}")
+    threshold = 1.0 - top_entropy_quantile
+    entropies = ops.stop_gradient(ops.to_float(entropies))
+    m = as_mask(mask, entropies)
+    counted = m > 0
+    n = int(ops.sum(m).item())
+    if n == 0:
+        return counted & (m < 0)
+    # The counted entropies first (the others pushed past them), ascending.
+    flat = ops.where(counted, entropies, float("inf") * ops.ones_like(entropies)).reshape(-1)
+    ordered = ops.sort(flat, axis=0)
+    position = threshold * (n - 1)
+    low = int(position)
+    high = min(low + 1, n - 1)
+    fraction = position - low
+    value = ordered[low] + fraction * (ordered[high] - ordered[low]) if fraction else ordered[low]
+    return ((entropies * m) >= value) & counted
 
 
 def aggregate_token_losses(per_token_loss, mask, loss_type, *, max_completion_length=None,

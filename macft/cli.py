@@ -173,6 +173,8 @@ VALUE_RULES = {
     "label_smoothing": (lambda v: 0 <= v <= 0.5, "must be >= 0 and <= 0.5"),
     "ld_alpha": (lambda v: 0 <= v <= 1, "must be >= 0 and <= 1"),
     "num_iterations": AT_LEAST_1,
+    "steps_per_generation": AT_LEAST_1,
+    "generation_batch_size": AT_LEAST_1,
     "max_sampling_rounds": AT_LEAST_1,
     "num_ppo_epochs": AT_LEAST_1,
     "num_mini_batches": AT_LEAST_1,

@@ -425,7 +425,7 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
     trl_config: ClassVar[str] = "GRPOConfig"
     summary_fields: ClassVar[tuple] = ("loss_type", "num_generations", "max_completion_length", "beta", "epsilon",
                                        "epsilon_high", "temperature", "scale_rewards", "importance_sampling_level",
-                                       "num_iterations")
+                                       "num_iterations", "steps_per_generation")
 
     learning_rate: float = 1e-6
     num_generations: int = 8
@@ -434,12 +434,32 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
     epsilon: float = 0.2
     epsilon_high: float | None = None
     loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
+    # INTELLECT-2's two-sided clipping (TRL's delta): the unclipped ratio is also capped at delta
+    # (> 1 + epsilon_high); None: off.
+    delta: float | None = None
+    # Only tokens whose policy entropy is in this top fraction of the micro-batch's completion tokens
+    # get the policy-gradient term (TRL's top_entropy_quantile; 1.0: all, no entropy computed).
+    top_entropy_quantile: float = 1.0
+    # How several reward functions combine (TRL's multi_objective_aggregation):
+    # sum_then_normalize | normalize_then_sum (GDPO).
+    multi_objective_aggregation: str = "sum_then_normalize"
     # π_ref for beta > 0 (not a TRL field; DPOConfig's): a model dir, hub id or adapter dir. Default:
     # the policy as it starts, i.e. the adapters-off base, or its starting adapter frozen if trained.
     reference_model_path: str | None = None
     scale_rewards: str | bool = "group"  # group | batch | none
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
     num_iterations: int = 1
+    # TRL's generation batch: the micro-batches (per rank) sampled together, with the policy of the
+    # moment, before the first of their optimizer steps (gradient_accumulation_steps micro-batches
+    # each). None: gradient_accumulation_steps (one step per generation, on-policy with one
+    # iteration). A multiple of gradient_accumulation_steps; steps_per_generation = 4 x accumulation
+    # feeds 4 optimizer steps from one generation, the later ones off-policy (the clip acts).
+    steps_per_generation: int | None = None
+    # The same in completions over every rank: per_device_train_batch_size (prompts here) x
+    # num_generations x ranks x steps_per_generation (TRL counts completions per device in
+    # per_device_train_batch_size, hence its B x ranks x steps_per_generation). Mutually exclusive
+    # with steps_per_generation; the trainer turns it into steps_per_generation (it knows the ranks).
+    generation_batch_size: int | None = None
     mask_truncated_completions: bool = False
     reward_weights: list[float] | None = None
     # DAPO (not TRL fields): sample again until the batch holds only groups with mixed rewards,
@@ -453,8 +473,31 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
     # mlx-lm-lora's GRPO has one: macft.data.MLX_LM_LORA_GRPO_SYSTEM).
     default_system_prompt: str | None = None
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.steps_per_generation is not None and self.generation_batch_size is not None:
+            raise ConfigError("'generation_batch_size' and 'steps_per_generation' can not be both configured at "
+                              "the same time")
+        if self.steps_per_generation is not None:
+            if self.steps_per_generation < 1:
+                raise ConfigError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}")
+            if self.steps_per_generation % self.gradient_accumulation_steps:
+                raise ConfigError(f"steps_per_generation ({self.steps_per_generation}) must be a multiple of "
+                                  f"gradient_accumulation_steps ({self.gradient_accumulation_steps}): each "
+                                  "optimizer step takes its micro-batches from one generation batch")
+        if self.generation_batch_size is not None:
+            per_micro_batch = self.per_device_train_batch_size * self.num_generations
+            if self.generation_batch_size < 1 or self.generation_batch_size % per_micro_batch:
+                raise ConfigError(f"generation_batch_size ({self.generation_batch_size}) must be divisible by "
+                                  f"per_device_train_batch_size x num_generations ({self.per_device_train_batch_size}"
+                                  f" x {self.num_generations} = {per_micro_batch}): it counts completions, and "
+                                  "per_device_train_batch_size counts prompts here")
+
     @classmethod
     def from_preset(cls, name: str, **overrides):
+        """The preset's loss settings (``algorithms.grpo.PRESETS``) and generation batch
+        (``GENERATION_STEPS``: steps_per_generation = that many x gradient_accumulation_steps unless
+        steps_per_generation or generation_batch_size is given), then the overrides."""
         from algorithms.grpo import PRESETS
 
         if name not in PRESETS:
@@ -462,8 +505,25 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
         values = dict(PRESETS[name])
         if name == "dapo":
             values.update(dynamic_sampling=True)
+        if (name in GENERATION_STEPS and "steps_per_generation" not in overrides
+                and overrides.get("generation_batch_size") is None):
+            values["steps_per_generation"] = (GENERATION_STEPS[name]
+                                              * overrides.get("gradient_accumulation_steps", 1))
         values.update(overrides)
         return cls(preset=name, **values)
+
+
+# Optimizer steps per generation batch of a preset (its steps_per_generation over
+# gradient_accumulation_steps), so that the later steps train off-policy and its clip acts.
+# GSPO (arXiv:2507.18071 §5.1): "each batch of rollout data is partitioned into four minibatches for
+# gradient updates": 4. DAPO (arXiv:2503.14476, training details): 512 prompts per rollout, mini-batches of 32:
+# 16 updates per rollout; macft uses 4, as GSPO, because its generation batch is counted in
+# micro-batches of a local run (16 x accumulation would hold 16 steps' rollouts, all sampled before
+# the first update, and make every step 16 times more off-policy on small data); give
+# steps_per_generation = 16 x gradient_accumulation_steps for the paper's ratio. GRPO
+# (DeepSeekMath §4.2: "the policy model only has a single update following each exploration
+# stage") and Dr. GRPO keep one step per generation.
+GENERATION_STEPS = {"gspo": 4, "dapo": 4}
 
 
 @dataclass

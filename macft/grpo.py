@@ -28,6 +28,12 @@ GROUP_FLAGS = (
     Flag("max_prompt_length", ("--max-prompt-length",), int, 512, "Keep the last N prompt tokens."),
     Flag("num_iterations", ("--num-iterations",), int, 1,
          "Optimizer steps per rollout (more reuses it against its old log-probs, so clipping acts)."),
+    Flag("steps_per_generation", ("--steps-per-generation",), int, None,
+         "Micro-batches sampled together before their optimizer steps (TRL's; default "
+         "--gradient-accumulation-steps; a multiple of it: the later steps are off-policy, so clipping acts)."),
+    Flag("generation_batch_size", ("--generation-batch-size",), int, None,
+         "The same in completions over every process (batch size x group size x processes x steps per "
+         "generation); not with --steps-per-generation."),
     Flag("scale_rewards", ("--scale-rewards",), str, "group", "Advantage scaling: group, batch or none."),
     Flag("importance_sampling_level", ("--importance-sampling-level",), str, "token",
          "token (GRPO) or sequence (GSPO)."),
@@ -39,6 +45,13 @@ GROUP_FLAGS = (
     Flag("overlong_buffer_length", ("--overlong-buffer-length",), int, None,
          "DAPO soft overlong punishment over the last N tokens before --max-completion-length."),
     Flag("overlong_penalty_factor", ("--overlong-penalty-factor",), float, 1.0, "Scale of that punishment."),
+    Flag("delta", ("--delta",), float, None,
+         "Two-sided clipping (INTELLECT-2): also cap the importance ratio at delta (> 1 + epsilon_high)."),
+    Flag("top_entropy_quantile", ("--top-entropy-quantile",), float, 1.0,
+         "Policy loss only on the tokens whose entropy is in this top fraction of the batch (1.0: all)."),
+    Flag("multi_objective_aggregation", ("--multi-objective-aggregation",), str, "sum_then_normalize",
+         "Several reward functions: sum_then_normalize (weighted sum, then advantages) or normalize_then_sum "
+         "(GDPO: each normalized in its group, summed, normalized over the batch)."),
     REFERENCE_MODEL,
 )
 
@@ -46,13 +59,15 @@ FLAGS = (*GROUP_FLAGS, Flag("preset", ("--preset",), str, None, "grpo, gspo, dr_
 
 # Config fields the flags of the same name set.
 _CONFIG_FLAGS = ("max_completion_length", "temperature", "top_p", "top_k", "beta", "loss_type", "epsilon",
-                 "epsilon_high", "max_prompt_length", "num_iterations", "scale_rewards", "importance_sampling_level",
+                 "epsilon_high", "max_prompt_length", "num_iterations", "steps_per_generation",
+                 "generation_batch_size", "scale_rewards", "importance_sampling_level",
                  "mask_truncated_completions", "dynamic_sampling", "max_sampling_rounds", "overlong_buffer_length",
-                 "overlong_penalty_factor", "reference_model_path")
+                 "overlong_penalty_factor", "reference_model_path", "delta",
+                 "top_entropy_quantile", "multi_objective_aggregation")
 # What a preset sets (algorithms.grpo.PRESETS, plus DAPO's dynamic sampling): with a preset, the
 # flags' defaults yield to it and only a flag that was given overrides it.
 PRESET_FIELDS = ("beta", "loss_type", "epsilon", "epsilon_high", "importance_sampling_level", "scale_rewards",
-                 "mask_truncated_completions", "dynamic_sampling")
+                 "mask_truncated_completions", "dynamic_sampling", "steps_per_generation")
 
 
 def grpo_config(values: dict, preset: str | None):

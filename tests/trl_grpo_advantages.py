@@ -21,7 +21,8 @@ import torch
 
 
 def trl_grpo_advantages(scores: list[list], num_generations: int, scale_rewards="group",
-                        weights: list[float] | None = None) -> tuple[np.ndarray, dict]:
+                        weights: list[float] | None = None,
+                        multi_objective_aggregation: str = "sum_then_normalize") -> tuple[np.ndarray, dict]:
     """(advantages (N,), metrics) as TRL computes them for one generation batch.
 
     scores: one list per reward function, N values each (a number or None, "not applicable"), for
@@ -40,7 +41,7 @@ def trl_grpo_advantages(scores: list[list], num_generations: int, scale_rewards=
         environment_factories=None, environments=None, tools=None, use_vllm=False, beta=0.0, num_iterations=1,
         _generate=_fixed_completions, _tokenizer=types.SimpleNamespace(pad_token_id=0), pad_to_multiple_of=None,
         mask_truncated_completions=False, eos_token_ids=[0], num_generations=num_generations,
-        multi_objective_aggregation="sum_then_normalize", scale_rewards=scale_rewards,
+        multi_objective_aggregation=multi_objective_aggregation, scale_rewards=scale_rewards,
         reward_funcs=functions, reward_func_names=[f.__name__ for f in functions],
         reward_processing_classes=[None] * len(functions),
         reward_weights=torch.tensor(weights or [1.0] * len(functions), dtype=torch.float32),

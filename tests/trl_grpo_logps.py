@@ -99,14 +99,20 @@ class _Accelerator:
 
     gather_for_metrics = gather
 
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
     def reduce(self, x, reduction="sum"):
         return x
 
 
 def trl_grpo_loss(logps, old_logps, ref_logps, mask, advantages, *, beta: float, epsilon: float,
-                  loss_type: str = "grpo", max_completion_length: int = 0) -> tuple[float, dict]:
+                  loss_type: str = "grpo", max_completion_length: int = 0, epsilon_high: float | None = None,
+                  delta: float | None = None, entropies=None, top_entropy_quantile: float = 1.0,
+                  importance_sampling_level: str = "token") -> tuple[float, dict]:
     """(loss, metrics) of TRL 1.16's ``GRPOTrainer._compute_loss`` on the given per-token
-    log-probs (numpy), through a stand-in ``self`` whose log-prob method returns ``logps``."""
+    log-probs (numpy), through a stand-in ``self`` whose log-prob method returns ``logps``
+    (and ``entropies`` as the per-token entropies, zeros if not given)."""
     from trl import GRPOTrainer
 
     def tensor(x):
@@ -114,15 +120,17 @@ def trl_grpo_loss(logps, old_logps, ref_logps, mask, advantages, *, beta: float,
 
     rows, width = np.shape(logps)
     current = tensor(logps)
+    current_entropies = torch.zeros_like(current) if entropies is None else tensor(entropies)
     stand_in = types.SimpleNamespace(
         accelerator=_Accelerator(), model=types.SimpleNamespace(training=True),
         _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
-        aux_loss_enabled=False, current_gradient_accumulation_steps=1, top_entropy_quantile=1.0,
+        aux_loss_enabled=False, current_gradient_accumulation_steps=1, top_entropy_quantile=top_entropy_quantile,
         off_policy_mask_threshold=None, use_vllm=False, _entropy_bonus_enabled=False,
-        _get_per_token_logps_and_entropies=lambda *a, **k: (current, torch.zeros_like(current), None),
-        loss_type=loss_type, importance_sampling_level="token", beta=beta, epsilon_low=epsilon,
-        epsilon_high=epsilon, max_completion_length=max_completion_length,
-        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1))
+        _get_per_token_logps_and_entropies=lambda *a, **k: (current, current_entropies, None),
+        loss_type=loss_type, importance_sampling_level=importance_sampling_level, beta=beta, epsilon_low=epsilon,
+        epsilon_high=epsilon if epsilon_high is None else epsilon_high, max_completion_length=max_completion_length,
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=1))
+    stand_in.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, stand_in)
     inputs = {"prompt_ids": torch.zeros(rows, 1, dtype=torch.long),
               "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
               "completion_ids": torch.zeros(rows, width, dtype=torch.long),

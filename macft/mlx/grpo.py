@@ -15,7 +15,8 @@ from macft.mlx.trainer import Trainer, sequence_logps
 from macft.trainers.grpo import GRPOLogic
 
 
-def completion_logps(model, prompt_ids: list, completion_ids: mx.array, temperature: float = 1.0) -> mx.array:
+def completion_logps(model, prompt_ids: list, completion_ids: mx.array, temperature: float = 1.0,
+                     with_entropy: bool = False):
     """Log-probs (N, C) of each completion token given its prompt and the tokens before it, under
     logits / ``temperature`` (the sampling temperature: TRL scores the rollouts so).
 
@@ -24,11 +25,13 @@ def completion_logps(model, prompt_ids: list, completion_ids: mx.array, temperat
     costs B x P + N x C tokens instead of N x (P + C). Models whose caches are not plain KV caches
     (sliding windows, state-space layers) and gradient-checkpointed models, whose blocks recompute
     in the backward pass, take the whole sequences instead; both give the same numbers.
+    With ``with_entropy``: (log-probs, entropies (N, C)) of each next-token distribution, without
+    gradient (top_entropy_quantile).
     """
     group = completion_ids.shape[0] // len(prompt_ids)
     info = getattr(model, "macft", None)
     if getattr(info, "gradient_checkpointing", False) or not has_plain_kv_cache(model):
-        return _completion_logps_whole(model, prompt_ids, completion_ids, group, temperature)
+        return _completion_logps_whole(model, prompt_ids, completion_ids, group, temperature, with_entropy)
     parts = []
     for index, prompt in enumerate(prompt_ids):
         completions = completion_ids[index * group:(index + 1) * group]
@@ -39,11 +42,14 @@ def completion_logps(model, prompt_ids: list, completion_ids: mx.array, temperat
                 layer_cache.share(group)
         inputs = mx.concatenate([mx.full((group, 1), prompt[-1], dtype=completions.dtype), completions[:, :-1]],
                                 axis=1)
-        parts.append(next_token_logps(model, inputs, completions, cache=cache, temperature=temperature))
+        parts.append(next_token_logps(model, inputs, completions, cache=cache, temperature=temperature,
+                                      with_entropy=with_entropy))
+    if with_entropy:
+        return mx.concatenate([p[0] for p in parts]), mx.concatenate([p[1] for p in parts])
     return mx.concatenate(parts)
 
 
-def _completion_logps_whole(model, prompt_ids, completion_ids, group, temperature):
+def _completion_logps_whole(model, prompt_ids, completion_ids, group, temperature, with_entropy=False):
     rows = completion_ids.shape[0]
     longest = max(len(p) for p in prompt_ids)
     width = completion_ids.shape[1]
@@ -54,9 +60,11 @@ def _completion_logps_whole(model, prompt_ids, completion_ids, group, temperatur
         pieces.append(mx.concatenate([mx.broadcast_to(mx.array(prompt, dtype=block.dtype), (group, len(prompt))),
                                       block, pad], axis=1))
         starts += [len(prompt) - 1] * group
-    logps = sequence_logps(model, mx.concatenate(pieces), temperature=temperature)
-    positions = mx.array(starts)[:, None] + mx.arange(width)[None, :]
-    return mx.take_along_axis(logps, positions.reshape(rows, width), axis=1)
+    scored = sequence_logps(model, mx.concatenate(pieces), temperature=temperature, with_entropy=with_entropy)
+    positions = (mx.array(starts)[:, None] + mx.arange(width)[None, :]).reshape(rows, width)
+    if with_entropy:
+        return tuple(mx.take_along_axis(x, positions, axis=1) for x in scored)
+    return mx.take_along_axis(scored, positions, axis=1)
 
 
 class _SharedPrefixCache:
@@ -87,7 +95,7 @@ class _SharedPrefixCache:
 class GRPOTrainer(GRPOLogic, MLXOnline, Trainer):
     __doc__ = GRPOLogic.__doc__
 
-    def completion_logps(self, model, prompt_ids, completion_ids):
-        return completion_logps(model, prompt_ids, completion_ids, self.args.temperature)
+    def completion_logps(self, model, prompt_ids, completion_ids, with_entropy=False):
+        return completion_logps(model, prompt_ids, completion_ids, self.args.temperature, with_entropy)
 
 

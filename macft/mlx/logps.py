@@ -49,15 +49,19 @@ def output_head(model):
     return head_module.as_linear if tied else head_module
 
 
-def token_logps(model, input_ids: mx.array, temperature: float = 1.0) -> mx.array:
-    """(B, T) ids -> (B, T-1) float32 log-probs of each next token (under logits / temperature)."""
-    return next_token_logps(model, input_ids[:, :-1], input_ids[:, 1:], temperature=temperature)
+def token_logps(model, input_ids: mx.array, temperature: float = 1.0, with_entropy: bool = False):
+    """(B, T) ids -> (B, T-1) float32 log-probs of each next token (under logits / temperature);
+    with ``with_entropy``, (log-probs, entropies) as in ``next_token_logps``."""
+    return next_token_logps(model, input_ids[:, :-1], input_ids[:, 1:], temperature=temperature,
+                            with_entropy=with_entropy)
 
 
-def next_token_logps(model, inputs: mx.array, targets: mx.array, cache=None, temperature: float = 1.0) -> mx.array:
+def next_token_logps(model, inputs: mx.array, targets: mx.array, cache=None, temperature: float = 1.0,
+                     with_entropy: bool = False):
     """(B, L) float32 log-probs of ``targets`` where position t of ``inputs`` predicts targets[:, t],
     under logits / ``temperature`` (``cache``: keys/values of tokens before ``inputs``, as mlx-lm
-    models take them)."""
+    models take them). With ``with_entropy``: (log-probs, entropies (B, L)), the entropy of each
+    tempered next-token distribution, without gradient (GRPO's top_entropy_quantile mask)."""
     length = inputs.shape[1]
     inputs = _pad_width(inputs) if cache is None else inputs
     head = output_head(model)
@@ -65,13 +69,25 @@ def next_token_logps(model, inputs: mx.array, targets: mx.array, cache=None, tem
     if head is not None and inputs.shape[0] * length * vocabulary * 4 < CHUNK_ABOVE_BYTES:
         head = None  # small logits: recomputing them in the backward would cost more than they take
     if head is None:
-        logits = model(inputs, cache=cache)[:, :length].astype(mx.float32)
-        return _logps_from_logits(_tempered(logits, temperature), targets)
+        logits = _tempered(model(inputs, cache=cache)[:, :length].astype(mx.float32), temperature)
+        logps = _logps_from_logits(logits, targets)
+        return (logps, _entropy(mx.stop_gradient(logits))) if with_entropy else logps
     hidden = model.model(inputs, cache=cache)[:, :length]
     batch, _, width = hidden.shape
-    logps = chunked_head_logps(head, hidden.reshape(batch * length, width), targets.reshape(-1),
-                               temperature=temperature)
-    return logps.reshape(batch, length)
+    flat = hidden.reshape(batch * length, width)
+    logps = chunked_head_logps(head, flat, targets.reshape(-1), temperature=temperature).reshape(batch, length)
+    if not with_entropy:
+        return logps
+    flat = mx.stop_gradient(flat)
+    entropies = mx.concatenate([_entropy(_tempered(head(flat[s:s + CHUNK_TOKENS]).astype(mx.float32), temperature))
+                                for s in range(0, flat.shape[0], CHUNK_TOKENS)])
+    return logps, entropies.reshape(batch, length)
+
+
+def _entropy(logits: mx.array) -> mx.array:
+    """−Σ_v p_v log p_v of softmax(logits) over the last axis."""
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return -mx.sum(mx.exp(logp) * logp, axis=-1)
 
 
 def _tempered(logits: mx.array, temperature: float) -> mx.array:

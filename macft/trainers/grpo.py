@@ -3,7 +3,8 @@
 One training step, for B = ``per_device_train_batch_size`` prompts and G = ``num_generations``:
 
 1. Rollout: G completions per prompt, all B x G decoded together with one shared prefill per
-   prompt (the backend's ``sample_completions``), with the policy as it is at that step. A
+   prompt (the backend's ``sample_completions``), with the policy as it is at that step (at the
+   first step of its generation batch: ``steps_per_generation`` below). A
    completion stops at the tokenizer's EOS or any EOS id of the model's generation config
    (``online.eos_token_ids``); that token stays in it and in its mask, and it is not truncated.
 2. Rewards: every reward function scores every completion (``rewards.score_completions``);
@@ -16,7 +17,8 @@ One training step, for B = ``per_device_train_batch_size`` prompts and G = ``num
    is 0; so is every advantage of a group with fewer than two scorable completions. With
    scale_rewards="batch" the std is that of all the rewards of the optimizer step, on every
    rank (TRL's generation batch): the step's rollouts are all made before its advantages.
-4. Log-probs of the sampling policy (only when ``num_iterations`` > 1: with one iteration the
+4. Log-probs of the sampling policy (only when a rollout can be trained after a weight update,
+   ``num_iterations`` > 1 or ``steps_per_generation`` > gradient_accumulation_steps: otherwise the
    batch is on-policy and the ratio is 1, as in TRL) and of the reference (only when beta > 0):
    the policy as the trainer received it: the base with the adapters switched off (a fresh
    adapter), its starting adapter weights frozen (an adapter already trained, e.g. by SFT; TRL's
@@ -34,10 +36,18 @@ whose ratio was clipped; also TRL's clip_ratio/low_mean, /high_mean, /region_mea
 beta > 0, sampling_rounds and kept_groups_frac with dynamic sampling; the evaluation (validation
 prompts, one greedy completion each) logs eval_reward_mean.
 
-``num_iterations`` = μ > 1 reuses each rollout for μ optimizer steps: the ratio π/π_old then moves
-away from 1 and the clip acts. With ``gradient_accumulation_steps`` = k, k rollouts make one
-step and the same k are replayed μ times, each replay one step; the short last chunk of an epoch
-(c < k prompt batches) is replayed μ times as μ steps of c micro-batches (TRL drops it).
+Generation batches (TRL 1.16's ``_prepare_inputs`` buffering): ``steps_per_generation`` = s
+micro-batches per rank (default: gradient_accumulation_steps = k; or ``generation_batch_size``
+completions over every rank) are sampled together with the policy of the moment, all before the
+first of their optimizer steps (their old log-probs taken then), and trained as s / k optimizer
+steps of k micro-batches each; the whole generation batch is replayed ``num_iterations`` = μ times.
+Every step after a generation's first trains on rollouts of an older policy, so the ratio π/π_old
+moves away from 1 and the clip acts (with s = 4k and μ = 1: 4 steps per generation, the last 3
+off-policy; the gspo and dapo presets do this, ``macft.config.GENERATION_STEPS``). With s = k the
+k rollouts of a step are made when first needed and replayed μ times, each replay one step. The
+short last chunk of an epoch (c < s x ranks prompt batches) is replayed μ times, each replay in
+steps of k and what is left (TRL drops it). The rollout metrics (reward_mean...) of a generation
+are logged with its first step.
 
 Unlike TRL, where ``per_device_train_batch_size`` counts completions, here it counts prompts
 (as mlx-lm-lora's ``--batch-size`` does): a micro-batch holds B x G completions.
@@ -57,7 +67,8 @@ from typing import NamedTuple
 import numpy as np
 
 from algorithms.dapo import groups_with_mixed_rewards, mask_truncated_completions, soft_overlong_punishment
-from algorithms.grpo import LOSS_TYPES, batch_reward_std, grpo_advantages, grpo_loss
+from algorithms.grpo import (LOSS_TYPES, MULTI_OBJECTIVE_AGGREGATIONS, batch_normalized_advantages, batch_reward_std,
+                             grpo_advantages, grpo_loss, high_entropy_mask, normalized_reward_sum)
 from macft.config import ConfigError, GRPOConfig
 from macft.data import DataError, has_split, load_prompt_dataset
 from macft.rewards import (RewardError, RewardFunction, RewardTrainerState, load_reward_functions,
@@ -167,6 +178,16 @@ class GRPOLogic:
                                   f"{', '.join(str(x) for x in allowed if not isinstance(x, bool))}")
         if a.num_iterations < 1:
             raise ConfigError(f"num_iterations must be >= 1, got {a.num_iterations}")
+        if a.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+            raise ConfigError(f"multi_objective_aggregation={a.multi_objective_aggregation!r}: expected one of "
+                              f"{', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}")
+        if not 0.0 < a.top_entropy_quantile <= 1.0:
+            raise ConfigError(f"top_entropy_quantile must lie in (0, 1], got {a.top_entropy_quantile}")
+        self.generation_micro_batches  # noqa: B018 -- checks generation_batch_size against the ranks
+        if a.delta is not None and not a.delta > 1 + (a.epsilon if a.epsilon_high is None else a.epsilon_high):
+            # TRL accepts any delta and only recommends > 1 + epsilon.
+            warnings.warn(f"delta={a.delta} is not above 1 + epsilon_high: it caps the importance ratio inside "
+                          "the clip range (TRL recommends delta > 1 + epsilon)", stacklevel=3)
         if not a.temperature > 0:
             raise ConfigError(f"temperature must be > 0 (log-probs use logits / temperature), got {a.temperature}")
         if a.max_completion_length < 1:
@@ -213,6 +234,33 @@ class GRPOLogic:
         if self.reference is None:
             self.reference = self.starting_adapter
         self._step_rollouts = []
+        self.generation_micro_batches  # noqa: B018 -- the ranks are known now
+
+    @property
+    def generation_micro_batches(self) -> int:
+        """Micro-batches of one generation batch over every rank: steps_per_generation x ranks
+        (``generation_batch_size`` / (per_device_train_batch_size x num_generations) when that is
+        given; gradient_accumulation_steps x ranks when neither is)."""
+        a: GRPOConfig = self.args
+        ranks = self.world.size
+        if a.generation_batch_size is None:
+            return (a.steps_per_generation or a.gradient_accumulation_steps) * ranks
+        per_rank_batch = a.per_device_train_batch_size * a.num_generations * ranks
+        if a.generation_batch_size % per_rank_batch:
+            raise ConfigError(f"generation_batch_size ({a.generation_batch_size}) must be divisible by the global "
+                              f"batch in completions, per_device_train_batch_size x num_generations x processes "
+                              f"({per_rank_batch})")
+        steps = a.generation_batch_size // per_rank_batch
+        if steps % a.gradient_accumulation_steps:
+            raise ConfigError(f"generation_batch_size ({a.generation_batch_size}) gives steps_per_generation = "
+                              f"{steps}, not a multiple of gradient_accumulation_steps "
+                              f"({a.gradient_accumulation_steps})")
+        return steps * ranks
+
+    def reuses_rollouts(self) -> bool:
+        """Whether a rollout can be trained after a weight update (then its old log-probs are taken
+        when it is sampled): num_iterations > 1, or more than one optimizer step per generation."""
+        return self.args.num_iterations > 1 or self.generation_micro_batches > self.global_accumulation_steps
 
     def _prompt_batches(self, epoch: int) -> list[list]:
         order = np.random.default_rng([self.args.seed, epoch]).permutation(len(self.examples))
@@ -223,13 +271,13 @@ class GRPOLogic:
         return math.ceil(len(self.examples) / self.args.per_device_train_batch_size) * self.args.num_iterations
 
     def micro_batches(self, epoch: int, skip: int = 0):
-        """The epoch's prompt batches in chunks of k = global_accumulation_steps (one optimizer step on
-        every rank): each chunk's k rollouts, then the same k replayed num_iterations times, each
-        replay one optimizer step (``step_size_at``). A rollout is generated when first needed, or,
-        with scale_rewards="batch", all the chunk's at its start (``_chunk_rollouts``). After a
-        resume inside a replay the rollouts are sampled again with the current policy (rollouts are
-        not checkpointed)."""
-        accumulate, iterations = self.global_accumulation_steps, self.args.num_iterations
+        """The epoch's prompt batches in chunks of n = ``generation_micro_batches`` (a generation batch
+        on every rank; n = global_accumulation_steps = k by default): each chunk's n rollouts, then the
+        same n replayed num_iterations times, each replay n / k optimizer steps (``step_size_at``). A
+        rollout is generated when first needed (n = k), or all the chunk's at its start (n > k, or
+        scale_rewards="batch": ``_chunk_rollouts``). After a resume inside a generation or a replay
+        the rollouts are sampled again with the current policy (rollouts are not checkpointed)."""
+        accumulate, iterations = self.generation_micro_batches, self.args.num_iterations
         batches = self._prompt_batches(epoch)
         index = 0
         for chunk_start in range(0, len(batches), accumulate):
@@ -251,51 +299,70 @@ class GRPOLogic:
 
     def _chunk_rollouts(self, chunk: list, seeds: list, first_index: int) -> list:
         """The chunk's rollouts made before its first micro-batch is trained: none (each is made when
-        first needed) unless scale_rewards="batch".
+        first needed) unless the chunk spans several optimizer steps (steps_per_generation >
+        gradient_accumulation_steps: this rank's all sampled now, with the policy before the
+        generation's first step, as TRL's ``_prepare_inputs`` generates its whole buffer) or
+        scale_rewards="batch".
 
         Then every advantage divides by the std of all the chunk's rewards, on every rank, as TRL
-        divides by the std of its whole generation batch (``steps_per_generation`` = gradient
-        accumulation micro-batches of every process, gathered): this rank samples and scores each
+        divides by the std of its whole generation batch (``steps_per_generation`` micro-batches of
+        every process, gathered): this rank samples and scores each
         prompt batch of the chunk it owns, the ranks exchange their rewards (``World.gather``),
         laid out in the chunk's order whatever the number of ranks, and
         ``algorithms.grpo.batch_reward_std`` of them all is the std. The completions are those of
         lazy generation: each rollout is seeded by its place in the epoch, and all of a step's
         rollouts are made before its first gradient either way."""
-        if self.args.scale_rewards != "batch":
-            return [None] * len(chunk)
+        if self.args.scale_rewards != "batch" and self.args.multi_objective_aggregation != "normalize_then_sum":
+            if len(chunk) <= self.global_accumulation_steps:
+                return [None] * len(chunk)
+            return [self._rollout(chunk[j], seed=seeds[j]) if self.owns_micro_batch(first_index + j) else None
+                    for j in range(len(chunk))]
         owned = [j for j in range(len(chunk)) if self.owns_micro_batch(first_index + j)]
         scored = {j: self._sample_and_score(chunk[j], seeds[j]) for j in owned}
         shares = self.world.gather([[j, scored[j].rewards.tolist()] for j in owned])
         rewards = [r for _, values in sorted(pair for share in shares for pair in share) for r in values]
         std = batch_reward_std(self.to_array(np.array(rewards, dtype=np.float64)))
-        return [self._training_batch(scored[j], batch_std=std) if j in scored else None for j in range(len(chunk))]
+        mean = _mean_of_numbers(rewards)  # normalize_then_sum's batch mean
+        return [self._training_batch(scored[j], batch_std=std, batch_mean=mean) if j in scored else None
+                for j in range(len(chunk))]
 
     def step_size_at(self, index: int) -> int:
         """Micro-batches in the optimizer step that starts at the epoch's micro-batch ``index``: k,
-        and in the short last chunk (fewer than k prompt batches left) its length, so that each
-        replay of it (num_iterations > 1) is one step, as each replay of a full chunk is.
+        or fewer at the end of a replay of the short last chunk (fewer than n =
+        ``generation_micro_batches`` prompt batches left, c of them): each replay of it is steps of
+        k and what is left (one step of c when c < k), so that no step spans two replays.
 
         TRL 1.16 takes one optimizer step per replay of a generation batch too (``_prepare_inputs``
         regenerates every steps_per_generation x num_iterations micro-steps; with the default
         steps_per_generation = gradient_accumulation_steps one step is one pass over the batch), but
         its ``RepeatSampler`` drops an incomplete last generation batch, which macft trains on."""
         accumulate, iterations = self.global_accumulation_steps, self.args.num_iterations
-        full_chunks = math.ceil(len(self.examples) / self.args.per_device_train_batch_size) // accumulate
-        if index < full_chunks * accumulate * iterations:
-            return accumulate
-        return math.ceil(len(self.examples) / self.args.per_device_train_batch_size) - full_chunks * accumulate
+        generation = self.generation_micro_batches
+        batches = math.ceil(len(self.examples) / self.args.per_device_train_batch_size)
+        full_chunks = batches // generation
+        if index < full_chunks * generation * iterations:
+            size, within = generation, index % generation
+        else:
+            size = batches - full_chunks * generation
+            if not size:  # past the epoch's end
+                return 0
+            within = (index - full_chunks * generation * iterations) % size
+        return min(accumulate, size - within)
 
     def optimizer_steps_per_epoch(self) -> int:
-        """num_iterations steps per chunk of k prompt batches, the short last one included."""
+        """num_iterations x (n / k) steps per chunk of n prompt batches, and num_iterations x
+        ceil(c / k) for the short last chunk of c."""
+        accumulate, generation = self.global_accumulation_steps, self.generation_micro_batches
         batches = math.ceil(len(self.examples) / self.args.per_device_train_batch_size)
-        return math.ceil(batches / self.global_accumulation_steps) * self.args.num_iterations
+        full_chunks, left = divmod(batches, generation)
+        return (full_chunks * (generation // accumulate) + math.ceil(left / accumulate)) * self.args.num_iterations
 
     def owns_micro_batch(self, index: int) -> bool:
         """Rank r rolls out position j of each chunk of prompt batches when j = r mod ranks, and
         replays it there, so every replay reuses the rollout it made (``micro_batches``' layout)."""
         if self.world.size == 1:
             return True
-        accumulate, iterations = self.global_accumulation_steps, self.args.num_iterations
+        accumulate, iterations = self.generation_micro_batches, self.args.num_iterations
         chunk, offset = divmod(index, accumulate * iterations)
         chunk_size = min(accumulate, math.ceil(len(self.examples) / self.args.per_device_train_batch_size)
                          - chunk * accumulate)
@@ -316,13 +383,19 @@ class GRPOLogic:
         """One prompt batch's micro-batch: sampled, scored, with advantages from its own rewards."""
         return self._training_batch(self._sample_and_score(examples, seed))
 
-    def _training_batch(self, scored: ScoredRollout, batch_std=None) -> RolloutBatch:
+    def _training_batch(self, scored: ScoredRollout, batch_std=None, batch_mean=None) -> RolloutBatch:
         """The micro-batch of a scored rollout: its advantages (unscorable completions, NaN
         rewards, get 0 and stay out of the statistics) and its log-probs. batch_std: with
-        scale_rewards="batch", the std of the whole step's rewards (``_chunk_rollouts``)."""
+        scale_rewards="batch", the std of the whole step's rewards (``_chunk_rollouts``); with
+        multi_objective_aggregation="normalize_then_sum" (the rewards are then GDPO's
+        ``normalized_reward_sum``s) batch_mean and batch_std are their mean and std."""
         a: GRPOConfig = self.args
-        advantages, _ = grpo_advantages(self.to_array(scored.rewards), a.num_generations,
-                                        scale_rewards=a.scale_rewards, batch_std=batch_std)
+        if a.multi_objective_aggregation == "normalize_then_sum":
+            advantages, _ = batch_normalized_advantages(self.to_array(scored.rewards), batch_mean=batch_mean,
+                                                        batch_std=batch_std)
+        else:
+            advantages, _ = grpo_advantages(self.to_array(scored.rewards), a.num_generations,
+                                            scale_rewards=a.scale_rewards, batch_std=batch_std)
         return self.make_rollout_batch(scored.examples, scored.completions, scored.truncated, advantages)
 
     def _sample_and_score(self, examples, seed) -> ScoredRollout:
@@ -334,6 +407,9 @@ class GRPOLogic:
         started = time.perf_counter()
         completions, truncated, generated = self._sample(examples)
         rewards, per_function = self._score(examples, completions, truncated)
+        # (N, F): each function's scores, NaN where None (normalize_then_sum's input)
+        scores = (np.stack(list(per_function.values()), axis=1) if per_function
+                  else np.full((len(completions), 0), np.nan))
         first_rewards, first_per_function, first_completions, first_truncated = (
             rewards.copy(), per_function, list(completions), list(truncated))
 
@@ -345,11 +421,14 @@ class GRPOLogic:
                 redo = [i for i in range(len(examples)) if not keep[i]]
                 new_completions, new_truncated, new_tokens = self._sample([examples[i] for i in redo])
                 generated += new_tokens
-                new_rewards, _ = self._score([examples[i] for i in redo], new_completions, new_truncated)
+                new_rewards, new_per_function = self._score([examples[i] for i in redo], new_completions,
+                                                            new_truncated)
                 for slot, i in enumerate(redo):
                     rows, new_rows = slice(i * group, (i + 1) * group), slice(slot * group, (slot + 1) * group)
                     completions[rows], truncated[rows] = new_completions[new_rows], new_truncated[new_rows]
                     rewards[rows] = new_rewards[new_rows]
+                    if new_per_function:
+                        scores[rows] = np.stack(list(new_per_function.values()), axis=1)[new_rows]
                 keep = self._mixed_groups(rewards, group)
             if not keep.all():
                 kept = int(keep.sum())
@@ -369,6 +448,11 @@ class GRPOLogic:
         truncated = [t for t, r in zip(truncated, rows) if r]
         self._record(first_rewards, first_per_function, first_completions, first_truncated, generated,
                      rollout_seconds, rounds, float(keep.mean()))
+        if a.multi_objective_aggregation == "normalize_then_sum":  # GDPO: the advantages normalize these
+            weights = [f.weight for f in self.reward_functions] + [1.0] * (scores.shape[1] - len(self.reward_functions))
+            sums = normalized_reward_sum(self.to_array(scores[rows]), group, reward_weights=weights)
+            return ScoredRollout(kept_examples, completions, truncated,
+                                 np.asarray(self.to_numpy(sums), dtype=np.float64))
         return ScoredRollout(kept_examples, completions, truncated, rewards[rows])
 
     def _mixed_groups(self, rewards: np.ndarray, group: int) -> np.ndarray:
@@ -423,7 +507,7 @@ class GRPOLogic:
 
     def make_rollout_batch(self, examples, completions, truncated, advantages) -> RolloutBatch:
         """Pack the completions, mask truncated ones (DAPO), and score them under the sampling
-        policy (num_iterations > 1) and the reference (beta > 0), without the gradient."""
+        policy (``reuses_rollouts``) and the reference (beta > 0), without the gradient."""
         a: GRPOConfig = self.args
         prompt_ids = [list(e.prompt_ids) for e in examples]
         ids, mask = completion_tensors(completions, self.pad_id)
@@ -432,7 +516,7 @@ class GRPOLogic:
             completion_mask = mask_truncated_completions(completion_mask, self.to_array(np.array(truncated), "bool"))
         old_logps = ref_logps = None
         with self.no_gradient():
-            if a.num_iterations > 1:
+            if self.reuses_rollouts():
                 old_logps = self.frozen(self.completion_logps(self.model, prompt_ids, completion_ids))
             if a.beta != 0.0:
                 with self.reference_policy(self.model, self.reference) as reference:
@@ -504,11 +588,17 @@ class GRPOLogic:
     def loss(self, model, prompt_ids, completion_ids, completion_mask, advantages, old_logps, ref_logps,
              num_tokens=0, completion_tokens=0.0):
         a: GRPOConfig = self.args
-        logps = self.completion_logps(model, prompt_ids, completion_ids)
+        entropy_mask = None
+        if a.top_entropy_quantile < 1.0:
+            logps, entropies = self.completion_logps(model, prompt_ids, completion_ids, with_entropy=True)
+            entropy_mask = high_entropy_mask(entropies, completion_mask, a.top_entropy_quantile)
+        else:
+            logps = self.completion_logps(model, prompt_ids, completion_ids)
         loss, metrics = grpo_loss(logps, old_logps, advantages, completion_mask, ref_logps=ref_logps, beta=a.beta,
                                   epsilon=a.epsilon, epsilon_high=a.epsilon_high, loss_type=a.loss_type,
                                   importance_sampling_level=a.importance_sampling_level,
-                                  max_completion_length=a.max_completion_length)
+                                  max_completion_length=a.max_completion_length, delta=a.delta,
+                                  entropy_mask=entropy_mask)
         # min/max over sequences do not average across micro-batches: keep the means.
         metrics = {k: v for k, v in metrics.items() if not k.endswith(("_min", "_max"))}
         metrics["clip_fraction"] = metrics["clip_ratio/region_mean"]

@@ -133,6 +133,22 @@ def test_batch_scaled_grpo_takes_the_std_over_every_rank(tiny_model_dir, tmp_pat
     assert_same_run(tmp_path / "two", tmp_path / "one", ("loss", "grad_norm", "reward_mean", "reward_std"))
 
 
+def test_a_gspo_generation_batch_over_two_ranks_trains_as_one_process(tiny_model_dir, tmp_path):
+    """steps_per_generation: 2 ranks x 2 micro-batches sampled before 2 steps of 1 x 2 ranks, as
+    one process's 4 micro-batches before 2 steps of 2; each rank trains the rollouts it made, and
+    the second step of the generation is off-policy (GSPO's clip acts)."""
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD_FILE)
+    args = [*common(tiny_model_dir), "--data", str(write_jsonl(tmp_path / "data" / "train.jsonl", PROMPTS).parent),
+            "--reward-fn", str(reward), "--group-size", "4", "--max-completion-length", "6"]
+    args[args.index("--learning-rate") + 1] = "5e-2"  # a step large enough to move the ratio past 4e-4
+    train("macft.gspo", [*args, "--steps-per-generation", "2"], 2, tmp_path / "two", accumulation=1)
+    train("macft.gspo", [*args, "--steps-per-generation", "4"], 1, tmp_path / "one", accumulation=2)
+    assert_same_run(tmp_path / "two", tmp_path / "one", ("loss", "grad_norm", "clip_fraction"))
+    clips = [s[1] for s in steps(tmp_path / "two", ("clip_fraction",))]
+    assert clips[0] == 0 and clips[1] > 0, clips
+
+
 def test_a_killed_two_rank_run_resumes_on_one_process(tiny_model_dir, tmp_path):
     args = [*common(tiny_model_dir, iters=8), "--save-every", "1",
             "--data", str(write_jsonl(tmp_path / "data" / "train.jsonl", ROWS).parent)]

@@ -396,7 +396,8 @@ def invoke(*args):
 
 @pytest.mark.parametrize("command, expected", [
     # `macft grpo` without a preset: mlx-lm-lora's defaults (--grpo-loss-type grpo, --beta 0.1), not TRL's.
-    ("grpo", {"loss_type": "grpo", "beta": 0.1, "importance_sampling_level": "token", "num_iterations": 2}),
+    ("grpo", {"loss_type": "grpo", "beta": 0.1, "importance_sampling_level": "token", "num_iterations": 2,
+              "delta": 1.5, "top_entropy_quantile": 0.5, "multi_objective_aggregation": "normalize_then_sum"}),
     ("gspo", {"importance_sampling_level": "sequence", "epsilon": 3e-4, "epsilon_high": 4e-4}),
     ("dr_grpo", {"loss_type": "dr_grpo", "scale_rewards": "none"}),
     ("dapo", {"loss_type": "dapo", "epsilon_high": 0.3, "dynamic_sampling": True,
@@ -404,7 +405,8 @@ def invoke(*args):
 ])
 def test_each_group_command_trains_end_to_end(tiny_model_dir, arith_dir, tmp_path, command, expected):
     out = tmp_path / "run"
-    extra = {"grpo": ["--num-iterations", 2], "dapo": ["--epsilon-high", 0.3, "--max-sampling-rounds", 2]}
+    extra = {"grpo": ["--num-iterations", 2, "--delta", 1.5, "--top-entropy-quantile", 0.5,
+                      "--multi-objective-aggregation", "normalize_then_sum"], "dapo": ["--epsilon-high", 0.3, "--max-sampling-rounds", 2]}
     with warnings.catch_warnings():  # DAPO warns: the random model's groups all score 0
         warnings.simplefilter("ignore")
         result = invoke(command, "--model", tiny_model_dir("llama"), "--data", arith_dir, "--reward-fn", MY_REWARD,
@@ -503,3 +505,90 @@ def test_smollm2_learns_arithmetic_with_my_reward(smollm2_mlx_dir, tmp_path):
     assert len(rewards) == 30
     assert np.mean(rewards[-10:]) > np.mean(rewards[:10]) + 0.2, rewards
     assert np.mean(correct[-10:]) > np.mean(correct[:10]) + 0.1, correct
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_completion_entropies_are_those_of_the_full_logits(tiny_model_dir, monkeypatch, chunked):
+    """with_entropy (top_entropy_quantile): the shared-prompt and whole-sequence paths, plain or
+    chunked head, give each completion position's entropy of softmax(logits / T), and the same
+    log-probs as without it."""
+    from mlx.utils import tree_map
+
+    import macft.mlx.logps as logps_module
+    from macft.mlx.grpo import completion_logps
+
+    if chunked:
+        monkeypatch.setattr(logps_module, "CHUNK_ABOVE_BYTES", 0)
+        monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 5)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    mx.random.seed(0)
+    model.update(tree_map(lambda p: 0.05 * mx.random.normal(p.shape), model.trainable_parameters()))
+    prompts = [tokenizer.encode("Hello there, how are you today?"), tokenizer.encode("Hi")]
+    completions = mx.array([[11, 12, 13, 2], [14, 15, 0, 0], [16, 17, 18, 19], [20, 2, 0, 0]])
+    temperature = 0.7
+    expected = []
+    for r in range(4):
+        prompt = prompts[r // 2]
+        logits = model(mx.array([prompt + completions[r].tolist()]))[0, len(prompt) - 1:-1].astype(mx.float32)
+        logp = nn.log_softmax(logits / temperature, axis=-1)
+        expected.append(-(mx.exp(logp) * logp).sum(axis=-1))
+    expected = mx.stack(expected)
+    plain = completion_logps(model, prompts, completions, temperature)
+    for whole in (False, True):
+        model.macft.gradient_checkpointing = whole
+        logps, entropies = completion_logps(model, prompts, completions, temperature, with_entropy=True)
+        assert mx.abs(entropies - expected).max().item() < 1e-4
+        assert mx.abs(logps - plain).max().item() < 1e-4
+
+
+class LengthLog(ScoreLog):
+    __name__ = "length_reward"
+
+    def __call__(self, prompts, completions, **kwargs):
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        scores = [None if len(t) % 5 == 1 else float(len(t) % 4) for t in texts]
+        self.calls.append(scores)
+        return scores
+
+
+@pytest.mark.parametrize("aggregation", ["normalize_then_sum", "sum_then_normalize"])
+def test_multi_objective_aggregation_gives_trls_advantages_over_the_whole_step(tiny_model_dir, tmp_path,
+                                                                                aggregation):
+    """multi_objective_aggregation with two weighted reward functions (None here and there) and
+    gradient accumulation: each step's advantages are those TRL's own code gives on the step's
+    scores (GDPO normalizes over the whole generation batch, not one micro-batch)."""
+    from tests.trl_grpo_advantages import trl_grpo_advantages
+
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    first, second = ScoreLog(), LengthLog()
+    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=[first, second], max_steps=2,
+                   gradient_accumulation_steps=2, max_completion_length=8, reward_weights=[1.0, -0.5],
+                   multi_objective_aggregation=aggregation)
+    _, steps = recording(trainer)
+    trainer.train()
+    assert [len(s) for s in steps] == [2, 2] and len(first.calls) == len(second.calls) == 4
+    for number, step in enumerate(steps):
+        scores = [f.calls[2 * number] + f.calls[2 * number + 1] for f in (first, second)]
+        expected, _ = trl_grpo_advantages(scores, 4, weights=[1.0, -0.5], multi_objective_aggregation=aggregation)
+        advantages = np.concatenate([np.array(b.advantages) for b in step])
+        np.testing.assert_allclose(advantages, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"top_entropy_quantile": 0.0}, "top_entropy_quantile must lie in"),
+    ({"top_entropy_quantile": 1.5}, "top_entropy_quantile must lie in"),
+    ({"multi_objective_aggregation": "mean"}, "multi_objective_aggregation='mean'"),
+])
+def test_bad_grpo_option_values_are_config_errors(tiny_model_dir, tmp_path, setting, message):
+    from macft.config import ConfigError
+
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    with pytest.raises(ConfigError, match=message):
+        grpo(model, tokenizer, tmp_path, **setting)
+
+
+def test_delta_inside_the_clip_range_warns_as_trl_recommends(tiny_model_dir, tmp_path):
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    with pytest.warns(UserWarning, match="delta=1.1 is not above 1 \\+ epsilon_high"):
+        grpo(model, tokenizer, tmp_path, delta=1.1, epsilon=0.2)
