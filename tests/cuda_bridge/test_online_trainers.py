@@ -159,9 +159,12 @@ def test_each_preset_command_trains_on_the_bridge(rewarded_dir, tmp_path, comman
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
-    assert all(np.isfinite(m["loss"]) and "reward_mean" in m and "clip_fraction" in m for m in metrics)
+    assert all(np.isfinite(m["loss"]) and "clip_fraction" in m for m in metrics)
+    # A generation's rollout metrics go with its first step: GSPO and DAPO sample one generation
+    # batch for 4 steps (their presets' steps_per_generation), GRPO-style presets one per step.
+    assert "reward_mean" in metrics[0]
     if command == "dapo":  # 4-token completions rarely reach EOS, and DAPO masks truncated ones out
-        assert all("sampling_rounds" in m and "kept_groups_frac" in m for m in metrics)
+        assert "sampling_rounds" in metrics[0] and "kept_groups_frac" in metrics[0]
     else:
         assert any(m["grad_norm"] > 0 for m in metrics)
     run = json.loads((out / "run.json").read_text())
