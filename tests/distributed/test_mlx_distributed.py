@@ -38,10 +38,19 @@ LAUNCHER = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or 
 pytestmark = pytest.mark.skipif(LAUNCHER is None, reason="mlx.launch is not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(ranks: int = 2) -> int:
+    """A port p with p .. p + ranks - 1 all free: the ring backend's rank r listens on p + r."""
+    while True:
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                for offset in range(1, ranks):
+                    with socket.socket() as other:
+                        other.bind(("127.0.0.1", port + offset))
+                return port
+            except OSError:
+                continue
 
 
 def write_jsonl(path: Path, rows) -> Path:
