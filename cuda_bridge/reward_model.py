@@ -12,7 +12,6 @@ import torch
 from cuda_bridge.trainer import Trainer
 from cuda_bridge.value_head import (ScalarModel, ValueHead, hidden_size, init_std_for, load_scalar_model,
                                     load_scalar_weights, model_device, pad_right, save_scalar_model)
-from macft.config import RewardConfig
 from macft.trainers.reward_model import RewardAlgorithm
 from macft.trainers.sft import pad_token_id  # noqa: F401  (the online trainers import it from here)
 
@@ -65,16 +64,10 @@ def load_reward_model(directory, share_base_with=None) -> RewardModel:
 class RewardTrainer(RewardAlgorithm, Trainer):
     """TRL's RewardTrainer on the bridge: pairs in, a scalar reward model out."""
 
-    def __init__(self, model, processing_class=None, args: RewardConfig | None = None, train_dataset=None,
-                 eval_dataset=None, tokenizer=None, peft_config=None, **trl_arguments):
-        from macft.trainer_arguments import load_model_for_trainer
+    def as_reward_model(self, model, seed: int):
+        return as_reward_model(model, seed=seed)
 
-        if not isinstance(args, RewardConfig) and isinstance(processing_class, RewardConfig):
-            processing_class, args, tokenizer = tokenizer, processing_class, None  # TRL's positional order
-        model, loaded_tokenizer = load_model_for_trainer(model, self.backend, args or RewardConfig(), peft_config)
-        seed = getattr(args, "seed", None) or RewardConfig().seed
-        super().__init__(as_reward_model(model, seed=seed), processing_class or loaded_tokenizer, args, train_dataset,
-                         eval_dataset, tokenizer, **trl_arguments)
+    def train_head(self):
         self.model.head.weight.requires_grad_(True)
 
     def save_model(self, directory):

@@ -12,7 +12,6 @@ the online trainers (PPO, Online DPO, XPO judges) call.
 import mlx.core as mx
 import numpy as np
 
-from macft.config import RewardConfig
 from macft.mlx.trainer import Trainer
 from macft.mlx.value_head import (ScalarModel, ValueHead, hidden_size, init_std_for, load_scalar_model,
                                   load_scalar_weights, pad_right, save_scalar_model)
@@ -70,16 +69,10 @@ class RewardTrainer(RewardAlgorithm, Trainer):
     """TRL's RewardTrainer on MLX: the shared ``macft.trainers.reward_model.RewardAlgorithm`` (data,
     batches, loss) training a ``RewardModel``."""
 
-    def __init__(self, model, processing_class=None, args: RewardConfig | None = None, train_dataset=None,
-                 eval_dataset=None, tokenizer=None, peft_config=None, **trl_arguments):
-        from macft.trainer_arguments import load_model_for_trainer
+    def as_reward_model(self, model, seed: int):
+        return as_reward_model(model, seed=seed)
 
-        if not isinstance(args, RewardConfig) and isinstance(processing_class, RewardConfig):
-            processing_class, args, tokenizer = tokenizer, processing_class, None  # TRL's positional order
-        model, loaded_tokenizer = load_model_for_trainer(model, self.backend, args or RewardConfig(), peft_config)
-        seed = getattr(args, "seed", None) or RewardConfig().seed
-        super().__init__(as_reward_model(model, seed=seed), processing_class or loaded_tokenizer, args, train_dataset,
-                         eval_dataset, tokenizer, **trl_arguments)
+    def train_head(self):
         self.model.head.unfreeze()
 
     def save_model(self, directory):

@@ -31,6 +31,29 @@ class RewardAlgorithm(TrainingLoop):
 
     metric_curves = REWARD_CURVES
 
+    def __init__(self, model, processing_class=None, args: RewardConfig | None = None, train_dataset=None,
+                 eval_dataset=None, tokenizer=None, peft_config=None, **trl_arguments):
+        """TRL's RewardTrainer arguments; ``model`` (an LM, or a path loaded here) gets a fresh scalar
+        head (the backend's ``as_reward_model``), which is trained with the adapter."""
+        from macft.trainer_arguments import load_model_for_trainer
+
+        if not isinstance(args, RewardConfig) and isinstance(processing_class, RewardConfig):
+            processing_class, args, tokenizer = tokenizer, processing_class, None  # TRL's positional order
+        model, loaded_tokenizer = load_model_for_trainer(model, self.backend, args or RewardConfig(), peft_config)
+        seed = getattr(args, "seed", None) or RewardConfig().seed
+        super().__init__(self.as_reward_model(model, seed=seed), processing_class or loaded_tokenizer, args,
+                         train_dataset, eval_dataset, tokenizer, **trl_arguments)
+        self.train_head()
+
+    # -- the backend's part
+    def as_reward_model(self, model, seed: int):
+        """The LM with a fresh scalar head (the backend's ScalarModel)."""
+        raise NotImplementedError
+
+    def train_head(self):
+        """Make the scalar head's weights trainable."""
+        raise NotImplementedError
+
     @property
     def reward_model(self):
         return self.model
