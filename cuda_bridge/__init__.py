@@ -23,8 +23,10 @@ _EXPORTS = {
     "PPOTrainer": "cuda_bridge.ppo",
     "RLHFTrainer": "cuda_bridge.rlhf",
 }
+_EXPORTS["RLOOTrainer"] = "cuda_bridge.rloo"
 _CONFIGS = ("TrainingConfig", "SFTConfig", "DPOConfig", "CPOConfig", "ORPOConfig", "KTOConfig", "RewardConfig",
             "GRPOConfig", "OnlineDPOConfig", "XPOConfig", "PPOConfig", "RLHFConfig")
+_CONFIGS += ("RLOOConfig",)
 
 __all__ = list(_EXPORTS) + list(_CONFIGS)
 

@@ -354,7 +354,7 @@ def yaml_value(key: str, value, expected: type, where: str):
             pass
     if expected is list and not isinstance(value, list):
         return [value]
-    if key in ("loss_type", "loss_weights", "reward_weights") and isinstance(value, list) and value and all(
+    if key in ("loss_type", "loss_weights", "reward_weights", "reward_clip_range") and isinstance(value, list) and value and all(
             isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
         return ",".join(str(v) for v in value)  # TRL's list in YAML for a comma-separated flag
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -524,6 +524,7 @@ def _exit_on_user_error(error: Exception):
 DATA_KINDS = {"sft": "sft", "dpo": "preference", "cpo": "preference", "orpo": "preference", "kto": "unpaired",
               "reward": "preference", "rlhf": "preference", "grpo": "prompt", "gspo": "prompt", "dr_grpo": "prompt",
               "dapo": "prompt", "online_dpo": "prompt", "xpo": "prompt", "ppo": "prompt"}
+DATA_KINDS["rloo"] = "prompt"
 
 
 def check_before_loading(values: dict, data_kind: str | None):
@@ -895,6 +896,7 @@ def parse_weights(text, flag: str = "--reward-weights"):
 # its `python -m macft.<name>` entry point.
 TRAINING_COMMANDS = ("sft", "dpo", "cpo", "orpo", "kto", "grpo", "gspo", "dr_grpo", "dapo", "online_dpo", "xpo",
                      "reward", "ppo", "rlhf")
+TRAINING_COMMANDS += ("rloo",)
 
 
 # ----------------------------------------------------------------------------- other commands

@@ -415,17 +415,10 @@ class GenerationSettings:
 
 
 @dataclass
-class GRPOConfig(TrainingConfig, GenerationSettings):
-    """Group Relative Policy Optimization and its variants (TRL's GRPOConfig).
-
-    GSPO, Dr. GRPO and DAPO are settings of this config; ``GRPOConfig.from_preset("dapo")`` applies
-    the values each paper recommends (``algorithms.grpo.PRESETS``), then your overrides.
-    """
-
-    trl_config: ClassVar[str] = "GRPOConfig"
-    summary_fields: ClassVar[tuple] = ("loss_type", "num_generations", "max_completion_length", "beta", "epsilon",
-                                       "epsilon_high", "temperature", "scale_rewards", "importance_sampling_level",
-                                       "num_iterations", "steps_per_generation")
+class GroupRolloutConfig(TrainingConfig, GenerationSettings):
+    """What GRPOConfig and RLOOConfig share (TRL's field names): G completions per prompt scored by
+    reward functions, a clipped ratio against the sampling policy, a KL to a reference, and TRL's
+    generation batches. Each config sets its own defaults (TRL's differ: G 8 vs 2, beta 0 vs 0.05)."""
 
     learning_rate: float = 1e-6
     num_generations: int = 8
@@ -433,21 +426,9 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
     beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
-    # INTELLECT-2's two-sided clipping (TRL's delta): the unclipped ratio is also capped at delta
-    # (> 1 + epsilon_high); None: off.
-    delta: float | None = None
-    # Only tokens whose policy entropy is in this top fraction of the micro-batch's completion tokens
-    # get the policy-gradient term (TRL's top_entropy_quantile; 1.0: all, no entropy computed).
-    top_entropy_quantile: float = 1.0
-    # How several reward functions combine (TRL's multi_objective_aggregation):
-    # sum_then_normalize | normalize_then_sum (GDPO).
-    multi_objective_aggregation: str = "sum_then_normalize"
     # π_ref for beta > 0 (not a TRL field; DPOConfig's): a model dir, hub id or adapter dir. Default:
     # the policy as it starts, i.e. the adapters-off base, or its starting adapter frozen if trained.
     reference_model_path: str | None = None
-    scale_rewards: str | bool = "group"  # group | batch | none
-    importance_sampling_level: str = "token"  # token | sequence (GSPO)
     num_iterations: int = 1
     # TRL's generation batch: the micro-batches (per rank) sampled together, with the policy of the
     # moment, before the first of their optimizer steps (gradient_accumulation_steps micro-batches
@@ -462,13 +443,6 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
     generation_batch_size: int | None = None
     mask_truncated_completions: bool = False
     reward_weights: list[float] | None = None
-    # DAPO (not TRL fields): sample again until the batch holds only groups with mixed rewards,
-    # and the soft overlong punishment.
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 4
-    overlong_buffer_length: int | None = None
-    overlong_penalty_factor: float = 1.0
-    preset: str | None = None
     # A system turn before string prompts whose row has no "system" column (with strings_as_chat;
     # mlx-lm-lora's GRPO has one: macft.data.MLX_LM_LORA_GRPO_SYSTEM).
     default_system_prompt: str | None = None
@@ -492,6 +466,40 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
                                   f"per_device_train_batch_size x num_generations ({self.per_device_train_batch_size}"
                                   f" x {self.num_generations} = {per_micro_batch}): it counts completions, and "
                                   "per_device_train_batch_size counts prompts here")
+
+
+@dataclass
+class GRPOConfig(GroupRolloutConfig):
+    """Group Relative Policy Optimization and its variants (TRL's GRPOConfig).
+
+    GSPO, Dr. GRPO and DAPO are settings of this config; ``GRPOConfig.from_preset("dapo")`` applies
+    the values each paper recommends (``algorithms.grpo.PRESETS``), then your overrides.
+    """
+
+    trl_config: ClassVar[str] = "GRPOConfig"
+    summary_fields: ClassVar[tuple] = ("loss_type", "num_generations", "max_completion_length", "beta", "epsilon",
+                                       "epsilon_high", "temperature", "scale_rewards", "importance_sampling_level",
+                                       "num_iterations", "steps_per_generation")
+
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo
+    # INTELLECT-2's two-sided clipping (TRL's delta): the unclipped ratio is also capped at delta
+    # (> 1 + epsilon_high); None: off.
+    delta: float | None = None
+    # Only tokens whose policy entropy is in this top fraction of the micro-batch's completion tokens
+    # get the policy-gradient term (TRL's top_entropy_quantile; 1.0: all, no entropy computed).
+    top_entropy_quantile: float = 1.0
+    # How several reward functions combine (TRL's multi_objective_aggregation):
+    # sum_then_normalize | normalize_then_sum (GDPO).
+    multi_objective_aggregation: str = "sum_then_normalize"
+    scale_rewards: str | bool = "group"  # group | batch | none
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    # DAPO (not TRL fields): sample again until the batch holds only groups with mixed rewards,
+    # and the soft overlong punishment.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    overlong_buffer_length: int | None = None
+    overlong_penalty_factor: float = 1.0
+    preset: str | None = None
 
     @classmethod
     def from_preset(cls, name: str, **overrides):
@@ -524,6 +532,45 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
 # (DeepSeekMath §4.2: "the policy model only has a single update following each exploration
 # stage") and Dr. GRPO keep one step per generation.
 GENERATION_STEPS = {"gspo": 4, "dapo": 4}
+
+
+@dataclass
+class RLOOConfig(GroupRolloutConfig):
+    """REINFORCE Leave-One-Out (TRL's RLOOConfig; ``algorithms.rloo``): each completion's baseline
+    is the mean reward of the other completions of its prompt, the KL to the reference goes into
+    the reward (beta), and the loss is a clipped surrogate of the whole sequence's ratio."""
+
+    trl_config: ClassVar[str] = "RLOOConfig"
+    summary_fields: ClassVar[tuple] = ("num_generations", "max_completion_length", "beta", "epsilon", "epsilon_high",
+                                       "temperature", "normalize_advantages", "reward_clip_range", "num_iterations",
+                                       "steps_per_generation")
+    # GRPO's reward shaping that the shared rollout code (macft.trainers.grpo) consults; RLOO (TRL's
+    # RLOOConfig) has none of it, so these are constants here, not settings.
+    dynamic_sampling: ClassVar[bool] = False
+    overlong_buffer_length: ClassVar[None] = None
+    multi_objective_aggregation: ClassVar[str] = "sum_then_normalize"
+
+    num_generations: int = 2
+    beta: float = 0.05
+    # Whiten the advantages over the whole generation batch (every rank): mean 0, std 1.
+    normalize_advantages: bool = False
+    # (min, max) the rewards are clipped to before the KL penalty; None: no clipping.
+    reward_clip_range: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.reward_clip_range is not None:
+            clip_range = self.reward_clip_range
+            if isinstance(clip_range, str):  # the command line and YAML: "low,high"
+                clip_range = [part for part in clip_range.strip("()[] ").split(",") if part.strip()]
+            try:
+                low, high = (float(value) for value in clip_range)
+            except (TypeError, ValueError):
+                raise ConfigError(f"reward_clip_range must be a (min, max) pair of numbers, got "
+                                  f"{self.reward_clip_range!r}") from None
+            if not low <= high:
+                raise ConfigError(f"reward_clip_range ({low}, {high}): min must not exceed max")
+            self.reward_clip_range = (low, high)
 
 
 @dataclass

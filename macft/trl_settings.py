@@ -148,6 +148,29 @@ TRL_CONFIG_DEFAULTS["PPOConfig"] = {
 }
 # trl 1.13's XPOConfig: OnlineDPOConfig plus alpha.
 TRL_CONFIG_DEFAULTS["XPOConfig"] = {**TRL_CONFIG_DEFAULTS["OnlineDPOConfig"], "alpha": [1e-5]}
+# trl 1.16's RLOOConfig (generated as the tables above).
+# fmt: off
+TRL_CONFIG_DEFAULTS["RLOOConfig"] = {
+    'learning_rate': 1e-06, 'bf16': None, 'gradient_checkpointing': True, 'logging_steps': 10,
+    'remove_unused_columns': False, 'model_init_kwargs': None, 'trust_remote_code': False,
+    'router_aux_loss_coef': None, 'disable_dropout': False, 'num_generations': 2,
+    'num_generations_eval': None, 'max_completion_length': 512, 'ds3_gather_for_generation': True,
+    'shuffle_dataset': True, 'pad_to_multiple_of': 'auto', 'generation_batch_size': None,
+    'steps_per_generation': None, 'temperature': 1.0, 'top_p': 1.0, 'top_k': 0, 'min_p': None,
+    'generation_kwargs': None, 'chat_template_kwargs': None, 'repetition_penalty': 1.0,
+    'cache_implementation': None, 'use_vllm': False, 'vllm_mode': 'colocate', 'vllm_model_impl': 'vllm',
+    'vllm_enable_sleep_mode': False, 'vllm_structured_outputs_regex': None, 'vllm_server_base_url': None,
+    'vllm_server_host': '0.0.0.0', 'vllm_server_port': 8000, 'vllm_server_timeout': 240.0,
+    'vllm_group_port': 51216, 'vllm_gpu_memory_utilization': 0.3, 'vllm_max_model_length': None,
+    'vllm_tensor_parallel_size': 1, 'beta': 0.05, 'num_iterations': 1, 'epsilon': 0.2, 'epsilon_high': None,
+    'reward_weights': None, 'normalize_advantages': False, 'reward_clip_range': None,
+    'mask_truncated_completions': False, 'sync_ref_model': False, 'ref_model_mixup_alpha': 0.6,
+    'ref_model_sync_steps': 512, 'log_completions': False, 'log_multimodal': True,
+    'num_completions_to_print': None, 'log_unique_prompts': False,
+    'use_transformers_continuous_batching': False, 'transformers_continuous_batching_config': None,
+    'use_transformers_paged': False
+}
+# fmt: on
 
 # Older transformers / TRL names that scripts still pass, accepted as the settings they were.
 LEGACY_SETTINGS = {"logging_dir": None, "save_safetensors": True, "no_cuda": False, "use_mps_device": False,

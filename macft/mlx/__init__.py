@@ -21,6 +21,7 @@ _EXPORTS = {
     "PPOTrainer": "macft.mlx.ppo",
     "RLHFTrainer": "macft.mlx.rlhf",
 }
+_EXPORTS["RLOOTrainer"] = "macft.mlx.rloo"
 
 __all__ = list(_EXPORTS)
 

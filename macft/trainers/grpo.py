@@ -149,9 +149,9 @@ class GRPOLogic:
         super().__init__(model, processing_class=processing_class, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, tokenizer=tokenizer, **trl_arguments)
         if reward_funcs is None:
-            raise TypeError("GRPOTrainer needs reward_funcs=")
+            raise TypeError(f"{type(self).__name__} needs reward_funcs=")
         if train_dataset is None:
-            raise TypeError("GRPOTrainer needs train_dataset=")
+            raise TypeError(f"{type(self).__name__} needs train_dataset=")
         loaded = isinstance(reward_funcs, list) and reward_funcs and all(isinstance(f, RewardFunction)
                                                                          for f in reward_funcs)
         self.reward_functions = reward_funcs if loaded else load_reward_functions(reward_funcs,
@@ -167,37 +167,42 @@ class GRPOLogic:
 
     def _check_config(self):
         a: GRPOConfig = self.args
-        if a.num_generations < 2:
-            raise ConfigError(f"num_generations must be >= 2 (advantages compare completions of one prompt), "
-                              f"got {a.num_generations}")
+        self._check_rollout_config()
         choices = {"loss_type": LOSS_TYPES, "scale_rewards": ("group", "batch", "none", True, False),
                    "importance_sampling_level": ("token", "sequence")}
         for name, allowed in choices.items():
             if getattr(a, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(a, name)!r}: expected one of "
                                   f"{', '.join(str(x) for x in allowed if not isinstance(x, bool))}")
-        if a.num_iterations < 1:
-            raise ConfigError(f"num_iterations must be >= 1, got {a.num_iterations}")
         if a.multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
             raise ConfigError(f"multi_objective_aggregation={a.multi_objective_aggregation!r}: expected one of "
                               f"{', '.join(MULTI_OBJECTIVE_AGGREGATIONS)}")
         if not 0.0 < a.top_entropy_quantile <= 1.0:
             raise ConfigError(f"top_entropy_quantile must lie in (0, 1], got {a.top_entropy_quantile}")
-        self.generation_micro_batches  # noqa: B018 -- checks generation_batch_size against the ranks
         if a.delta is not None and not a.delta > 1 + (a.epsilon if a.epsilon_high is None else a.epsilon_high):
             # TRL accepts any delta and only recommends > 1 + epsilon.
             warnings.warn(f"delta={a.delta} is not above 1 + epsilon_high: it caps the importance ratio inside "
                           "the clip range (TRL recommends delta > 1 + epsilon)", stacklevel=3)
+        if a.overlong_buffer_length is not None and not 0 <= a.overlong_buffer_length <= a.max_completion_length:
+            raise ConfigError(f"overlong_buffer_length must lie in [0, max_completion_length="
+                              f"{a.max_completion_length}], got {a.overlong_buffer_length}")
+
+    def _check_rollout_config(self):
+        """The checks of the settings every trainer of this shape has (GroupRolloutConfig's)."""
+        a = self.args
+        if a.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 (advantages compare completions of one prompt), "
+                              f"got {a.num_generations}")
+        if a.num_iterations < 1:
+            raise ConfigError(f"num_iterations must be >= 1, got {a.num_iterations}")
+        self.generation_micro_batches  # noqa: B018 -- checks generation_batch_size against the ranks
         if not a.temperature > 0:
             raise ConfigError(f"temperature must be > 0 (log-probs use logits / temperature), got {a.temperature}")
         if a.max_completion_length < 1:
             raise ConfigError(f"max_completion_length must be >= 1, got {a.max_completion_length}")
-        if a.overlong_buffer_length is not None and not 0 <= a.overlong_buffer_length <= a.max_completion_length:
-            raise ConfigError(f"overlong_buffer_length must lie in [0, max_completion_length="
-                              f"{a.max_completion_length}], got {a.overlong_buffer_length}")
         if a.reference_model_path and a.beta == 0.0:
             warnings.warn(f"reference_model_path={a.reference_model_path} is not used: with beta = 0 there is no "
-                          "KL term (set beta > 0 to train against it)", stacklevel=3)
+                          "KL term (set beta > 0 to train against it)", stacklevel=4)
 
     # -- the backend's part (besides OnlineBackend's calls)
     def completion_logps(self, model, prompt_ids: list, completion_ids):
@@ -257,6 +262,11 @@ class GRPOLogic:
                               f"({a.gradient_accumulation_steps})")
         return steps * ranks
 
+    def needs_old_logps(self) -> bool:
+        """Whether the rollout batch carries the sampling policy's log-probs (else the loss takes
+        the ratio as 1: on-policy)."""
+        return self.reuses_rollouts()
+
     def reuses_rollouts(self) -> bool:
         """Whether a rollout can be trained after a weight update (then its old log-probs are taken
         when it is sampled): num_iterations > 1, or more than one optimizer step per generation."""
@@ -312,12 +322,22 @@ class GRPOLogic:
         ``algorithms.grpo.batch_reward_std`` of them all is the std. The completions are those of
         lazy generation: each rollout is seeded by its place in the epoch, and all of a step's
         rollouts are made before its first gradient either way."""
-        if self.args.scale_rewards != "batch" and self.args.multi_objective_aggregation != "normalize_then_sum":
+        if not self.uses_generation_statistics():
             if len(chunk) <= self.global_accumulation_steps:
                 return [None] * len(chunk)
             return [self._rollout(chunk[j], seed=seeds[j]) if self.owns_micro_batch(first_index + j) else None
                     for j in range(len(chunk))]
         owned = [j for j in range(len(chunk)) if self.owns_micro_batch(first_index + j)]
+        return self._rollouts_with_generation_statistics(chunk, seeds, owned)
+
+    def uses_generation_statistics(self) -> bool:
+        """Whether the advantages need statistics of the whole generation batch (every rank):
+        scale_rewards="batch" or GDPO's normalize_then_sum."""
+        return self.args.scale_rewards == "batch" or self.args.multi_objective_aggregation == "normalize_then_sum"
+
+    def _rollouts_with_generation_statistics(self, chunk: list, seeds: list, owned: list) -> list:
+        """The chunk's micro-batches this rank owns (None for the others), their advantages from the
+        rewards of the whole chunk on every rank (``_chunk_rollouts``)."""
         scored = {j: self._sample_and_score(chunk[j], seeds[j]) for j in owned}
         shares = self.world.gather([[j, scored[j].rewards.tolist()] for j in owned])
         rewards = [r for _, values in sorted(pair for share in shares for pair in share) for r in values]
@@ -516,7 +536,7 @@ class GRPOLogic:
             completion_mask = mask_truncated_completions(completion_mask, self.to_array(np.array(truncated), "bool"))
         old_logps = ref_logps = None
         with self.no_gradient():
-            if self.reuses_rollouts():
+            if self.needs_old_logps():
                 old_logps = self.frozen(self.completion_logps(self.model, prompt_ids, completion_ids))
             if a.beta != 0.0:
                 with self.reference_policy(self.model, self.reference) as reference:
@@ -548,13 +568,22 @@ class GRPOLogic:
         if not self.step_metrics:  # the base clears step_metrics after each optimizer step
             self._step_rollouts = []
         self._step_rollouts.append((record, generated, seconds))
+        self.step_metrics = self._merged_rollout_records()
+
+    def add_rollout_metrics(self, values: dict):
+        """Metrics of the latest rollout measured after ``_record`` (RLOO's KL, taken with the
+        log-probs), averaged over the step's rollouts like the rest."""
+        self._step_rollouts[-1][0].update(values)
+        self.step_metrics = self._merged_rollout_records()
+
+    def _merged_rollout_records(self) -> dict:
         records = [r for r, _, _ in self._step_rollouts]
         merged = {k: _mean_of_numbers([r[k] for r in records if k in r]) for k in records[-1]}
         tokens = sum(g for _, g, _ in self._step_rollouts)
         elapsed = sum(s for _, _, s in self._step_rollouts)
         merged.update({"rollout_tokens": tokens, "rollout_time_s": elapsed,
                        "rollout_tokens_per_sec": tokens / elapsed if elapsed > 0 else 0.0})
-        self.step_metrics = merged
+        return merged
 
     # -- evaluation
     def evaluate(self) -> dict:
