@@ -22,6 +22,7 @@ TRL_CONFIGS = {
     "CPOConfig": ("trl.experimental.cpo", "CPOConfig"), "ORPOConfig": ("trl.experimental.orpo", "ORPOConfig"),
     "OnlineDPOConfig": ("trl.experimental.online_dpo", "OnlineDPOConfig"),
 }
+TRL_CONFIGS["RLOOConfig"] = ("trl", "RLOOConfig")
 
 # Shared fields whose default differs from TRL's on purpose, and why.
 INTENDED_DIFFERENCES = {
@@ -82,7 +83,7 @@ def test_training_config_takes_training_arguments_defaults():
 def test_learning_rates_are_trl_defaults():
     expected = {"SFTConfig": 2e-5, "DPOConfig": 1e-6, "CPOConfig": 1e-6, "ORPOConfig": 1e-6, "KTOConfig": 1e-6,
                 "GRPOConfig": 1e-6, "RewardConfig": 1e-4, "OnlineDPOConfig": 5e-7, "XPOConfig": 5e-7,
-                "PPOConfig": 3e-6}
+                "PPOConfig": 3e-6, "RLOOConfig": 1e-6}
     assert {name: getattr(configs, name)().learning_rate for name in expected} == expected
     config = configs.SFTConfig()
     assert (config.seed, config.num_train_epochs, config.per_device_train_batch_size, config.logging_steps,

@@ -213,3 +213,17 @@ def test_ranks_that_disagree_stop_with_the_setting_named(tiny_model_dir, tmp_pat
     output = result.stdout + result.stderr
     assert "disagree with rank 0 on the run: config learning_rate (rank 1)" in output
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not steps(tmp_path / "run")
+
+
+def test_rloo_normalizes_over_every_rank_and_trains_as_one_process(tiny_model_dir, tmp_path):
+    """RLOO with normalize_advantages and beta > 0: the leave-one-out advantages are whitened over
+    the whole generation batch, which two ranks gather from each other, so they train as one
+    process whose step holds both micro-batches (tests/mlx/test_rloo.py checks that one against TRL)."""
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD_FILE)
+    args = [*common(tiny_model_dir), "--data", str(write_jsonl(tmp_path / "data" / "train.jsonl", PROMPTS).parent),
+            "--reward-fn", str(reward), "--group-size", "4", "--max-completion-length", "6",
+            "--normalize-advantages", "--beta", "0.1"]
+    train("macft.rloo", args, 2, tmp_path / "two", accumulation=1)
+    train("macft.rloo", args, 1, tmp_path / "one", accumulation=2)
+    assert_same_run(tmp_path / "two", tmp_path / "one", ("loss", "grad_norm", "reward_mean", "kl"))
