@@ -462,8 +462,8 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
     generation_batch_size: int | None = None
     mask_truncated_completions: bool = False
     reward_weights: list[float] | None = None
-    # DAPO (not TRL fields): sample again until the batch holds only groups with mixed rewards,
-    # and the soft overlong punishment.
+    # DAPO (not TRL fields): keep the groups of mixed accuracy and draw new prompts until they fill
+    # the batch (at most max_sampling_rounds samplings per batch), and the soft overlong punishment.
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
     overlong_buffer_length: int | None = None
@@ -504,7 +504,13 @@ class GRPOConfig(TrainingConfig, GenerationSettings):
             raise ConfigError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
         values = dict(PRESETS[name])
         if name == "dapo":
-            values.update(dynamic_sampling=True)
+            # Dynamic sampling and the soft overlong punishment, its buffer the paper's share of the
+            # length limit (L_cache 4096 of L_max 20480: the last fifth).
+            from algorithms.dapo import PAPER_MAX_COMPLETION_LENGTH, PAPER_OVERLONG_BUFFER_LENGTH
+
+            limit = overrides.get("max_completion_length", cls.max_completion_length)
+            values.update(dynamic_sampling=True,
+                          overlong_buffer_length=limit * PAPER_OVERLONG_BUFFER_LENGTH // PAPER_MAX_COMPLETION_LENGTH)
         if (name in GENERATION_STEPS and "steps_per_generation" not in overrides
                 and overrides.get("generation_batch_size") is None):
             values["steps_per_generation"] = (GENERATION_STEPS[name]
