@@ -14,7 +14,8 @@ reference and value forwards, the reward model score, the KL-shaped rewards, GAE
 losses, the optimizer step between the two epochs, and the logged metrics.
 
 trl's tensors are read from the frame of ``train`` by a trace function at three of its lines (the
-rollout's tensors before and after trl masks the padding, and after each micro-batch's statistics), so nothing in trl is replaced.
+rollout's tensors before and after trl masks the padding, and after each micro-batch's
+statistics), so nothing in trl is replaced.
 
 Usage: python trl_ppo_oracle.py SPEC.json OUT_DIR  — SPEC is a list of cases (see ``run_case``);
 for case k it writes OUT_DIR/case{k}.npz (tensors) and OUT_DIR/case{k}.json (logged metrics).

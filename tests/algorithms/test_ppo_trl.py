@@ -38,7 +38,8 @@ QUERIES = [[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16], [17, 18, 19], [20,
 EOS = 1
 # None is the pad token, filled in per case; EOS mid-row, none, at the last position, first, with
 # tokens (another EOS among them) after it as a sampler that does not stop would leave them.
-RESPONSES = [[4, 5, EOS, None, None, None], [4, 5, 6, 7, 8, 9], [4, 5, 6, 7, 8, EOS], [EOS, None, None, None, None, None],
+RESPONSES = [[4, 5, EOS, None, None, None], [4, 5, 6, 7, 8, 9], [4, 5, 6, 7, 8, EOS],
+             [EOS, None, None, None, None, None],
              [9, EOS, 3, EOS, 7, 2], [3, 4, 5, 6, EOS, None], [2, EOS, None, None, None, None],
              [7, 7, 7, EOS, None, None]]
 SETTINGS = {
@@ -194,7 +195,8 @@ class _RolloutOnly:
                               **settings)
         self.pad_id, self.eos_ids = meta["pad_token_id"], [meta["eos_token_id"]]
         self.sampled = rollout_from_rows(r["responses"].tolist(), self.eos_ids, 1, len(r["responses"]))
-        self.policy = types.SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None, name="policy")
+        self.policy = types.SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None,
+                                            name="policy")
         self.value_model = self.policy
         self.reference = types.SimpleNamespace(name="reference")
         self.step_metrics = {}
@@ -259,7 +261,8 @@ def test_macft_placement_differs_from_trl_exactly_by_the_off_by_one(trl_runs, ca
     eos_at = [row.index(EOS) if EOS in row else None for row in r["responses"].tolist()]
     for i, row in enumerate(r["postprocessed_responses"].tolist()):
         kept = row[:eos_at[i] + 1] if eos_at[i] is not None else row
-        assert stand_in.sampled.completion_ids[i] == kept and row[len(kept):] == [meta["pad_token_id"]] * (len(row) - len(kept))
+        assert stand_in.sampled.completion_ids[i] == kept
+        assert row[len(kept):] == [meta["pad_token_id"]] * (len(row) - len(kept))
     np.testing.assert_array_equal(~np.array(stand_in.sampled.truncated), r["contain_eos_token"])
     trl_policy, trl_value = ~r["padding_mask"][:, :width], ~r["padding_mask_p1"][:, :width]
     expected_policy = mask.copy()
