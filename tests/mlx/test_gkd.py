@@ -54,8 +54,8 @@ def test_distillation_lowers_the_divergence_to_the_teacher(tiny_model_dir, teach
     before = divergence_on_the_data(trainer)
     trainer.train()
     after = divergence_on_the_data(trainer)
-    assert before > 0.05
-    assert after < 0.6 * before, (before, after)  # measured: 0.142 -> 0.049
+    assert before == pytest.approx(0.125659, abs=1e-5)  # the bridge measures the same (tests/cuda_bridge)
+    assert after < 0.6 * before, (before, after)  # measured: 0.1257 -> 0.0603
     logged = records(tmp_path)
     assert [r["step"] for r in logged] == list(range(1, 11))
     assert all(r["on_policy"] == 0.0 and "completions/mean_length" not in r for r in logged)  # lmbda=0: never samples
