@@ -22,9 +22,13 @@ _EXPORTS = {
     "RewardTrainer": "cuda_bridge.reward_model",
     "PPOTrainer": "cuda_bridge.ppo",
     "RLHFTrainer": "cuda_bridge.rlhf",
+    # knowledge distillation (GKD)
+    "GKDTrainer": "cuda_bridge.gkd",
+    "DistillationTrainer": "cuda_bridge.gkd",
 }
 _CONFIGS = ("TrainingConfig", "SFTConfig", "DPOConfig", "CPOConfig", "ORPOConfig", "KTOConfig", "RewardConfig",
             "GRPOConfig", "OnlineDPOConfig", "XPOConfig", "PPOConfig", "RLHFConfig")
+_CONFIGS += ("GKDConfig", "DistillationConfig")  # knowledge distillation
 
 __all__ = list(_EXPORTS) + list(_CONFIGS)
 
