@@ -8,11 +8,11 @@ returns `(loss, metrics)`: a scalar array and a dict of scalar arrays (left lazy
 
 Modules: ops (array shim), masked (masked reductions, sequence log-probs), sft, dpo, cpo,
 orpo, grpo (also GSPO, Dr. GRPO, DAPO loss; PRESETS), dapo (dynamic sampling, overlong
-punishment), online_dpo, xpo, reward_model, ppo, kto, rloo.
+punishment), online_dpo, xpo, reward_model, ppo, kto, rloo, gkd (distillation; takes logits).
 """
 
-from . import (cpo, dapo, dpo, grpo, kto, masked, online_dpo, ops, orpo, ppo, reward_model, rloo,
+from . import (cpo, dapo, dpo, gkd, grpo, kto, masked, online_dpo, ops, orpo, ppo, reward_model, rloo,
                sft, xpo)
 
-__all__ = ["cpo", "dapo", "dpo", "grpo", "kto", "masked", "online_dpo", "ops", "orpo", "ppo",
+__all__ = ["cpo", "dapo", "dpo", "gkd", "grpo", "kto", "masked", "online_dpo", "ops", "orpo", "ppo",
            "reward_model", "rloo", "sft", "xpo"]

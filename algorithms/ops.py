@@ -94,6 +94,18 @@ def log_sigmoid(x):
     return _torch().nn.functional.logsigmoid(x)
 
 
+def logaddexp(a, b):
+    """log(e^a + e^b), elementwise and stable (a or b may be a Python scalar)."""
+    if is_mlx(a) or is_mlx(b):
+        return _mx().logaddexp(a, b)
+    torch = _torch()
+    if not torch.is_tensor(b):
+        b = torch.full_like(a, float(b))
+    elif not torch.is_tensor(a):
+        a = torch.full_like(b, float(a))
+    return torch.logaddexp(a, b)
+
+
 def relu(x):
     return _mx().maximum(x, 0.0) if is_mlx(x) else _torch().relu(x)
 
@@ -181,6 +193,18 @@ def min(x, axis=None, keepdims=False):  # noqa: A001
         out = x.amin()
         return out.reshape([1] * x.ndim) if keepdims else out
     return x.amin(dim=axis, keepdim=keepdims)
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    """log Σ e^x along `axis`, stable."""
+    if is_mlx(x):
+        return _mx().logsumexp(x, axis=axis, keepdims=keepdims)
+    return _torch().logsumexp(x, dim=axis, keepdim=keepdims)
+
+
+def log_softmax(x, axis=-1):
+    """x − logsumexp(x) along `axis`: log-probabilities of logits."""
+    return x - logsumexp(x, axis=axis, keepdims=True)
 
 
 def std(x, axis=None, keepdims=False):

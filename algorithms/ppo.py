@@ -4,7 +4,7 @@ PPO, arXiv:1707.06347; GAE, arXiv:1506.02438; the RLHF recipe (per-token KL pena
 score at the end of the completion) of Ziegler et al., arXiv:1909.08593, and InstructGPT,
 arXiv:2203.02155. Reference numerics: trl 1.12 `PPOTrainer.train` (removed from later TRL).
 
-Per completion token t (m the completion mask, including the EOS token), with s the
+Per completion token t (m the completion mask, including the EOS token: see below), with s the
 reward-model score of the whole sequence:
 
     k1: KL_t = logπ_old(y_t) − logπ_ref(y_t)       k3: KL_t = e^{u} − 1 − u,  u = logπ_ref − logπ_old
@@ -21,10 +21,32 @@ Losses on a minibatch, with ρ_t = exp(logπ_θ − logπ_old) and masked means 
     L_value  = ½ mean_m max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²)
     L = L_policy + vf_coef · L_value
 
-trl 1.12 marks a completion's end with `sequence_lengths` and puts the score one position past
-it (`padding_mask_p1`); when pad = EOS that position is the EOS token, which is where the score
-lands here, with a completion mask that includes EOS. `score_mask` / `value_mask` override the
-placement if another convention is wanted.
+Where the score lands, and trl 1.12. macft's completion is every sampled token up to and
+including the first EOS (all of them when there is none, a truncated completion); one mask m
+covers the KL, the score (on its last token: the EOS, the action that ends the episode), GAE (V = 0
+after it: the state after EOS is terminal), whitening and both losses. trl 1.12's `PPOTrainer.train`
+calls the tokens up to `sequence_lengths` (the last token before the first pad) the response
+(`~padding_mask`: KL, whitening, policy loss) and puts the score one position later, at
+`sequence_lengths + 1` (`padding_mask_p1`: GAE and value loss, with V there kept):
+
+- pad ≠ EOS: the response ends with the EOS, like macft's; the score sits on the pad after it, a
+  position no policy term counts, and reaches the EOS token only through GAE, so with γλ < 1 the
+  last token's raw advantage differs from macft's by Δ = (1 − γλ)·s − γ(1 − λ)·V_{L+1} (L the EOS
+  index, V_{L+1} the value at the EOS token), and token t ≤ L's by (γλ)^{L−t}·Δ;
+- pad = EOS: the score lands on the EOS, as here, but the EOS is not in trl's response: it has no
+  KL term, no place in the whitening and no policy loss (the decision to stop is never trained),
+  while its value stays in the value loss;
+- no EOS (truncated): both put the score on the last token, and so with pad ≠ EOS for an EOS at
+  the last position (trl has no room for the + 1 and falls back to `sequence_lengths`).
+
+That is one off-by-one, not a design choice to copy: trl's score lands on a token that trl itself
+counts as the response only when the response fills `response_length`. macft keeps the score on the
+completion's last token; tests/algorithms/test_ppo_trl.py runs trl 1.12's own `train` and asserts
+exactly these differences, and that with trl's placement (`score_mask` on
+`sequence_lengths + 1`, `value_mask = ~padding_mask_p1`, `mask = ~padding_mask`) every reward,
+advantage, return, loss and statistic equals trl's. Two logged statistics differ on purpose:
+trl's `policy/approxkl_avg` and `val/ratio` average over every position, padding included (0 and
+1 there); macft's `policy/approxkl` and `val/ratio` average over the mask only.
 """
 
 from __future__ import annotations
@@ -95,9 +117,12 @@ def masked_whiten(x, mask, *, shift_mean=True):
     return whitened if shift_mean else whitened + mean_value
 
 
-def ppo_advantages(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=True):
-    """(advantages, returns): GAE, then advantages whitened over the batch and zeroed off-mask."""
-    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
+def ppo_advantages(rewards, values, mask, *, gamma=1.0, lam=0.95, whiten=True, value_mask=None):
+    """(advantages, returns): GAE, then advantages whitened over the batch and zeroed off-mask.
+
+    GAE runs over `value_mask` (default `mask`), whitening over `mask`: trl 1.12's placement is
+    value_mask = ~padding_mask_p1, mask = ~padding_mask (see the module docstring)."""
+    advantages, returns = gae(rewards, values, mask if value_mask is None else value_mask, gamma=gamma, lam=lam)
     if whiten:
         advantages = masked_whiten(advantages, mask)
     return advantages * as_mask(mask, advantages), returns

@@ -22,10 +22,14 @@ _EXPORTS = {
     "RewardTrainer": "cuda_bridge.reward_model",
     "PPOTrainer": "cuda_bridge.ppo",
     "RLHFTrainer": "cuda_bridge.rlhf",
+    # knowledge distillation (GKD)
+    "GKDTrainer": "cuda_bridge.gkd",
+    "DistillationTrainer": "cuda_bridge.gkd",
 }
 _EXPORTS["RLOOTrainer"] = "cuda_bridge.rloo"
 _CONFIGS = ("TrainingConfig", "SFTConfig", "DPOConfig", "CPOConfig", "ORPOConfig", "KTOConfig", "RewardConfig",
             "GRPOConfig", "OnlineDPOConfig", "XPOConfig", "PPOConfig", "RLHFConfig")
+_CONFIGS += ("GKDConfig", "DistillationConfig")  # knowledge distillation
 _CONFIGS += ("RLOOConfig",)
 
 __all__ = list(_EXPORTS) + list(_CONFIGS)

@@ -17,6 +17,7 @@ preload_openblas()
 # Backend-neutral names and where they live.
 _CONFIGS = ("TrainingConfig", "SFTConfig", "DPOConfig", "CPOConfig", "ORPOConfig", "KTOConfig", "RewardConfig",
             "GRPOConfig", "OnlineDPOConfig", "XPOConfig", "PPOConfig", "RLHFConfig")
+_CONFIGS += ("GKDConfig", "DistillationConfig")  # knowledge distillation
 _CONFIGS += ("RLOOConfig",)
 _SHARED = {name: "macft.config" for name in _CONFIGS}
 _SHARED["TrainingArguments"] = "macft.config"  # mlx-tune's name for the base config
@@ -31,6 +32,7 @@ _SHARED.update({"SamplingParams": "macft.hf_generate", "LoRARequest": "macft.hf_
 # Names each backend provides.
 _BACKEND_NAMES = ("FastLanguageModel", "SFTTrainer", "DPOTrainer", "CPOTrainer", "ORPOTrainer", "KTOTrainer",
                   "RewardTrainer", "GRPOTrainer", "OnlineDPOTrainer", "XPOTrainer", "PPOTrainer", "RLHFTrainer")
+_BACKEND_NAMES += ("GKDTrainer", "DistillationTrainer")  # knowledge distillation
 _BACKEND_NAMES += ("RLOOTrainer",)
 
 

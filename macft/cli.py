@@ -180,6 +180,9 @@ VALUE_RULES = {
     "num_mini_batches": AT_LEAST_1,
     "reward_max_steps": AT_LEAST_1,
     "reward_learning_rate": POSITIVE,
+    # knowledge distillation (macft/gkd.py)
+    "lmbda": (lambda v: 0 <= v <= 1, "must be >= 0 and <= 1"),
+    "max_new_tokens": AT_LEAST_1,
 }
 
 
@@ -896,6 +899,7 @@ def parse_weights(text, flag: str = "--reward-weights"):
 # its `python -m macft.<name>` entry point.
 TRAINING_COMMANDS = ("sft", "dpo", "cpo", "orpo", "kto", "grpo", "gspo", "dr_grpo", "dapo", "online_dpo", "xpo",
                      "reward", "ppo", "rlhf")
+TRAINING_COMMANDS += ("gkd",)  # knowledge distillation (macft/gkd.py)
 TRAINING_COMMANDS += ("rloo",)
 
 

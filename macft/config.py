@@ -493,8 +493,8 @@ class GRPOConfig(GroupRolloutConfig):
     multi_objective_aggregation: str = "sum_then_normalize"
     scale_rewards: str | bool = "group"  # group | batch | none
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    # DAPO (not TRL fields): sample again until the batch holds only groups with mixed rewards,
-    # and the soft overlong punishment.
+    # DAPO (not TRL fields): keep the groups of mixed accuracy and draw new prompts until they fill
+    # the batch (at most max_sampling_rounds samplings per batch), and the soft overlong punishment.
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
     overlong_buffer_length: int | None = None
@@ -512,7 +512,13 @@ class GRPOConfig(GroupRolloutConfig):
             raise ConfigError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
         values = dict(PRESETS[name])
         if name == "dapo":
-            values.update(dynamic_sampling=True)
+            # Dynamic sampling and the soft overlong punishment, its buffer the paper's share of the
+            # length limit (L_cache 4096 of L_max 20480: the last fifth).
+            from algorithms.dapo import PAPER_MAX_COMPLETION_LENGTH, PAPER_OVERLONG_BUFFER_LENGTH
+
+            limit = overrides.get("max_completion_length", cls.max_completion_length)
+            values.update(dynamic_sampling=True,
+                          overlong_buffer_length=limit * PAPER_OVERLONG_BUFFER_LENGTH // PAPER_MAX_COMPLETION_LENGTH)
         if (name in GENERATION_STEPS and "steps_per_generation" not in overrides
                 and overrides.get("generation_batch_size") is None):
             values["steps_per_generation"] = (GENERATION_STEPS[name]
@@ -642,6 +648,104 @@ class RLHFConfig(PPOConfig):
     reward_max_steps: int = 100
     reward_learning_rate: float = 1e-4
     reward_center_rewards_coefficient: float | None = None
+
+
+# -- knowledge distillation / GKD (issue 15 item 10) ---------------------------------------------
+
+# TRL settings of the distillation configs that would change what is generated or trained, which
+# macft's sampler and loss do not implement: an error naming the setting, never a silent skip.
+UNSUPPORTED_DISTILLATION_SETTINGS = {
+    "min_p": (None, "min-p sampling is not implemented by macft's sampler (use top_p / top_k)"),
+    "repetition_penalty": (1.0, "repetition penalties are not implemented by macft's sampler"),
+    "generation_kwargs": (None, "extra generation settings are not supported (temperature, top_p, top_k and "
+                                "max_completion_length are)"),
+    "chat_template_kwargs": (None, "chat template arguments are not supported"),
+    "max_tool_calling_iterations": (None, "tool calling during generation is not supported"),
+    "packing": (False, "packing is not supported"),
+}
+
+
+@dataclass
+class DistillationConfig(TrainingConfig):
+    """Knowledge distillation / GKD, as TRL 1.16's DistillationConfig (``algorithms.gkd``).
+
+    The student learns the teacher's next-token distributions over completion tokens under the
+    generalized JSD (``beta``: 0 forward KL, 1 reverse KL). TRL's DistillationTrainer always trains
+    on the student's own samples; ``lmbda`` (GKD's on-policy fraction, default 1.0 here, so TRL's
+    behaviour) and ``seq_kd`` make it the paper's full GKD, as ``GKDConfig`` has them.
+    """
+
+    trl_config: ClassVar[str] = "DistillationConfig"
+    summary_fields: ClassVar[tuple] = ("beta", "lmbda", "seq_kd", "temperature", "max_completion_length")
+    # TRL's DistillationTrainer scores both models under logits / temperature; GKDTrainer's loss
+    # does not pass its temperature (it only tempers the sampling).
+    temperature_in_loss: ClassVar[bool] = True
+
+    learning_rate: float = 1e-6
+    teacher_model_name_or_path: str | None = None
+    beta: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_completion_length: int = 512
+    # Not TRL fields: prompts keep their last max_prompt_length tokens (as GRPOConfig's); a dataset
+    # prompt + completion (off-policy steps) is cut to max_length (GKDConfig's, SFTConfig's).
+    max_prompt_length: int | None = 512
+    max_length: int | None = 1024
+    # GKD's fields (not DistillationConfig's; 1.0 / False keep TRL's DistillationTrainer): the
+    # probability that a micro-batch's completions are the student's own samples, else the
+    # dataset's (or, with seq_kd, the teacher's samples).
+    lmbda: float = 1.0
+    seq_kd: bool = False
+
+    def __post_init__(self):
+        other = self.__dict__.get("other_settings", {})
+        for name, (default, why) in UNSUPPORTED_DISTILLATION_SETTINGS.items():
+            if name in other and not _same_setting(other[name], default):
+                raise ConfigError(f"{name}={other[name]!r}: {why}; leave it at {default!r}")
+        super().__post_init__()
+        if isinstance(self.beta, bool) or not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"beta must be in [0.0, 1.0] (0: forward KL, 1: reverse KL), got {self.beta}")
+        if isinstance(self.lmbda, bool) or not 0.0 <= self.lmbda <= 1.0:
+            raise ConfigError(f"lmbda must be in [0.0, 1.0] (the fraction of on-policy batches), got {self.lmbda}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise ConfigError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        if self.max_length is None:
+            self.max_length = 1_000_000_000  # TRL: no truncation; the model's max_seq_length bounds it
+
+    @property
+    def loss_temperature(self) -> float:
+        return self.temperature if self.temperature_in_loss else 1.0
+
+
+@dataclass
+class GKDConfig(DistillationConfig):
+    """Generalized Knowledge Distillation (trl.experimental.gkd's GKDConfig, TRL 1.16): its names
+    and defaults (lmbda 0.5, beta 0.5, temperature 0.9, max_new_tokens 128, SFT's learning rate).
+
+    As in TRL's GKDTrainer, ``temperature`` tempers the sampling only; the divergence is taken
+    under the raw logits (DistillationConfig tempers both)."""
+
+    trl_config: ClassVar[str] = "GKDConfig"
+    summary_fields: ClassVar[tuple] = ("beta", "lmbda", "seq_kd", "temperature", "max_new_tokens")
+    temperature_in_loss: ClassVar[bool] = False
+
+    learning_rate: float = 2e-5
+    beta: float = 0.5
+    temperature: float = 0.9
+    lmbda: float = 0.5
+    max_new_tokens: int = 128
+    max_prompt_length: int | None = None  # SFTConfig has none: max_length bounds prompt + completion
+
+    def __post_init__(self):
+        self.max_completion_length = self.max_new_tokens  # GKD's name for the same length
+        super().__post_init__()
 
 
 def config_fields(config_class) -> dict[str, dataclasses.Field]:

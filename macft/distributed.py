@@ -125,9 +125,14 @@ def fsdp_enabled(args) -> bool:
     return bool(value)
 
 
-def gradient_shares(world: World, local_weights: list[float]) -> list[float]:
-    """Each local micro-batch's share of the whole step: its weight over the sum on every rank."""
-    total = float(world.all_sum([sum(local_weights)])[0])
+def gradient_shares(world: World, local_weights: list[float], local_trainable: int | None = None) -> list[float] | None:
+    """Each local micro-batch's share of the whole step: its weight over the sum on every rank.
+    None when no micro-batch on any rank has anything to train (``local_trainable``: how many of
+    the local ones do; all of them when not given)."""
+    trainable = len(local_weights) if local_trainable is None else local_trainable
+    total, trainable = (float(x) for x in world.all_sum([sum(local_weights), trainable]))
+    if not trainable:
+        return None
     if total <= 0:
         raise TrainingError("a training step has no target tokens: check the data's masks")
     return [w / total for w in local_weights]

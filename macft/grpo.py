@@ -40,10 +40,12 @@ GROUP_FLAGS = (
     Flag("mask_truncated_completions", ("--mask-truncated-completions",), bool, False,
          "Leave completions cut at the length limit out of the loss."),
     Flag("dynamic_sampling", ("--dynamic-sampling",), bool, False,
-         "Sample again the groups whose rewards are all equal (DAPO)."),
-    Flag("max_sampling_rounds", ("--max-sampling-rounds",), int, 4, "Bound on dynamic sampling rounds."),
+         "Drop the groups whose rewards are all equal and draw new prompts until the batch is full (DAPO)."),
+    Flag("max_sampling_rounds", ("--max-sampling-rounds",), int, 4,
+         "Bound on dynamic sampling rounds (samplings of a batch's worth of prompts)."),
     Flag("overlong_buffer_length", ("--overlong-buffer-length",), int, None,
-         "DAPO soft overlong punishment over the last N tokens before --max-completion-length."),
+         "DAPO soft overlong punishment over the last N tokens before --max-completion-length (the dapo "
+         "preset: the last fifth)."),
     Flag("overlong_penalty_factor", ("--overlong-penalty-factor",), float, 1.0, "Scale of that punishment."),
     Flag("delta", ("--delta",), float, None,
          "Two-sided clipping (INTELLECT-2): also cap the importance ratio at delta (> 1 + epsilon_high)."),
@@ -67,7 +69,7 @@ _CONFIG_FLAGS = ("max_completion_length", "temperature", "top_p", "top_k", "beta
 # What a preset sets (algorithms.grpo.PRESETS, plus DAPO's dynamic sampling): with a preset, the
 # flags' defaults yield to it and only a flag that was given overrides it.
 PRESET_FIELDS = ("beta", "loss_type", "epsilon", "epsilon_high", "importance_sampling_level", "scale_rewards",
-                 "mask_truncated_completions", "dynamic_sampling", "steps_per_generation")
+                 "mask_truncated_completions", "dynamic_sampling", "steps_per_generation", "overlong_buffer_length")
 
 
 def grpo_config(values: dict, preset: str | None):

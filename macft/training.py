@@ -138,6 +138,11 @@ class TrainingLoop:
     def batch_tokens(self, batch) -> int:
         return 0
 
+    def has_gradient(self, batch) -> bool:
+        """Whether the micro-batch has anything in its loss. A step where none has is skipped:
+        no optimizer update (Adam's momentum would move the weights on a zero gradient)."""
+        return True
+
     def loss(self, model, *batch):
         """Returns (loss, metrics dict of scalar arrays) for one micro-batch."""
         raise NotImplementedError
@@ -357,8 +362,12 @@ class TrainingLoop:
                 loss, metrics, grad_norm = self.step_gradients(micro)
                 result = self._step_result(micro, loss, metrics, stop.signum)
                 loss, metrics = result["loss"], result["metrics"]
+                nothing_to_train = grad_norm is None
+                grad_norm = 0.0 if nothing_to_train else grad_norm
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
-                if finite:
+                if nothing_to_train:
+                    pass  # the weights and the optimizer state stay as they are
+                elif finite:
                     self.apply_gradients(self.learning_rate_at(step))
                     nonfinite = []
                     losses.append(loss)
@@ -368,11 +377,15 @@ class TrainingLoop:
                 elapsed = time.perf_counter() - started
                 self.state["step"] = step + 1
                 record = self._step_record(step, result, grad_norm, elapsed)
-                if not finite:
+                if nothing_to_train:
+                    record["skipped"] = True
+                    self._warn(f"step {step + 1}: no micro-batch has anything to train (every token is masked out "
+                               "of the loss); skipped the optimizer update")
+                elif not finite:
                     record["skipped"] = True
                     self._warn(f"step {step + 1}: the loss is {loss} and the gradient norm {grad_norm}; skipped the "
                                f"step ({len(nonfinite)} of nan_patience={self.args.nan_patience} in a row)")
-                if not finite or self.logs_after(step + 1):
+                if not finite or nothing_to_train or self.logs_after(step + 1):
                     self._disk_write(self.run.metrics_path, lambda: self.run.log(record))
                 if len(nonfinite) >= self.args.nan_patience:
                     self._stop_after_nonfinite(nonfinite)
@@ -562,9 +575,15 @@ class TrainingLoop:
                 self.state["epoch"] += 1
                 self.state["batch_in_epoch"] = 0
 
-    def step_gradients(self, micro: list) -> tuple[float, dict, float]:
-        """``compute_gradients`` of this rank's micro-batches, each with its share of the whole step."""
-        return self.compute_gradients(micro, gradient_shares(self.world, [self.batch_weight(b) for b in micro]))
+    def step_gradients(self, micro: list) -> tuple[float, dict, float | None]:
+        """``compute_gradients`` of this rank's micro-batches, each with its share of the whole step;
+        (0, {}, None) without computing anything when no micro-batch of the step, on any rank, has
+        something to train (``has_gradient``)."""
+        shares = gradient_shares(self.world, [self.batch_weight(b) for b in micro],
+                                 sum(bool(self.has_gradient(b)) for b in micro))
+        if shares is None:
+            return 0.0, {}, None
+        return self.compute_gradients(micro, shares)
 
     def step_size_at(self, index: int) -> int:
         """Micro-batches in the optimizer step that starts at the epoch's micro-batch ``index``

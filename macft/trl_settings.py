@@ -184,3 +184,24 @@ RENAMED_SETTINGS = {"evaluation_strategy": "eval_strategy",
                     # mlx-tune's (mlx-lm's) names
                     "val_batches": "eval_batches", "steps_per_eval": "eval_steps",
                     "grad_checkpoint": "gradient_checkpointing"}
+
+# trl 1.16's DistillationConfig and trl.experimental.gkd's GKDConfig (SFTConfig plus GKD's fields),
+# beyond TrainingArguments.
+TRL_CONFIG_DEFAULTS["DistillationConfig"] = {
+    "learning_rate": 1e-06, "bf16": None, "gradient_checkpointing": True, "logging_steps": 10,
+    "remove_unused_columns": False, "model_init_kwargs": None, "trust_remote_code": False,
+    "teacher_model_name_or_path": None, "teacher_model_revision": None, "teacher_model_init_kwargs": None,
+    "disable_dropout": False, "max_completion_length": 512, "ds3_gather_for_generation": True,
+    "shuffle_dataset": True, "pad_to_multiple_of": "auto", "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+    "min_p": None, "generation_kwargs": None, "chat_template_kwargs": None, "repetition_penalty": 1.0,
+    "cache_implementation": None, "use_vllm": False, "vllm_mode": "colocate", "vllm_model_impl": "vllm",
+    "vllm_enable_sleep_mode": False, "vllm_structured_outputs_regex": None, "vllm_server_base_url": None,
+    "vllm_server_host": "0.0.0.0", "vllm_server_port": 8000, "vllm_server_timeout": 240.0, "vllm_group_port": 51216,
+    "vllm_gpu_memory_utilization": 0.3, "vllm_max_model_length": None, "vllm_tensor_parallel_size": 1,
+    "beta": 1.0, "max_tool_calling_iterations": None, "log_completions": False, "num_completions_to_print": None,
+    "log_unique_prompts": False,
+}
+TRL_CONFIG_DEFAULTS["GKDConfig"] = {
+    **TRL_CONFIG_DEFAULTS["SFTConfig"], "temperature": 0.9, "lmbda": 0.5, "beta": 0.5, "max_new_tokens": 128,
+    "teacher_model_name_or_path": None, "teacher_model_init_kwargs": None, "disable_dropout": True, "seq_kd": False,
+}

@@ -21,6 +21,7 @@ TRL_CONFIGS = {
     "RewardConfig": ("trl", "RewardConfig"), "GRPOConfig": ("trl", "GRPOConfig"),
     "CPOConfig": ("trl.experimental.cpo", "CPOConfig"), "ORPOConfig": ("trl.experimental.orpo", "ORPOConfig"),
     "OnlineDPOConfig": ("trl.experimental.online_dpo", "OnlineDPOConfig"),
+    "DistillationConfig": ("trl", "DistillationConfig"), "GKDConfig": ("trl.experimental.gkd", "GKDConfig"),
 }
 TRL_CONFIGS["RLOOConfig"] = ("trl", "RLOOConfig")
 

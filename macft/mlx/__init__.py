@@ -20,6 +20,9 @@ _EXPORTS = {
     "RewardTrainer": "macft.mlx.reward_model",
     "PPOTrainer": "macft.mlx.ppo",
     "RLHFTrainer": "macft.mlx.rlhf",
+    # knowledge distillation (GKD)
+    "GKDTrainer": "macft.mlx.gkd",
+    "DistillationTrainer": "macft.mlx.gkd",
 }
 _EXPORTS["RLOOTrainer"] = "macft.mlx.rloo"
 

@@ -9,8 +9,10 @@ One training step, for B = ``per_device_train_batch_size`` prompts and G = ``num
    (``online.eos_token_ids``); that token stays in it and in its mask, and it is not truncated.
 2. Rewards: every reward function scores every completion (``rewards.score_completions``);
    DAPO's soft overlong punishment is added when ``overlong_buffer_length`` is set. With
-   ``dynamic_sampling`` (DAPO), the groups whose G rewards are all equal are sampled again, up to
-   ``max_sampling_rounds`` rounds; the groups still equal after that are dropped with a warning.
+   ``dynamic_sampling`` (DAPO's Algorithm 1), the groups whose G accuracies (the reward functions'
+   total, without the overlong punishment) are all equal are dropped and new prompts of the data
+   are sampled until the kept groups fill the batch, at most ``max_sampling_rounds`` samplings;
+   fewer train as a smaller batch (with a warning), none as a step without an optimizer update.
 3. Advantages per group (``algorithms.grpo.grpo_advantages``, ``scale_rewards``). A completion
    that every reward function gave None is unscorable (``rewards.unscorable``): as in TRL, its
    reward is NaN, it stays out of the group mean and std (and the batch std), and its advantage
@@ -99,6 +101,46 @@ class ScoredRollout(NamedTuple):
     completions: list  # token-id lists
     truncated: list  # bool per completion
     rewards: np.ndarray  # (N,) float64 total reward, NaN where unscorable
+    nothing_kept: bool = False  # dynamic sampling kept no group: the batch stays out of the loss
+
+
+OVERLONG = "overlong_punishment"  # the soft overlong punishment's column among the reward scores
+
+
+class _SampledGroups(NamedTuple):
+    """Scored groups of G completions, prompt-major, that dynamic sampling selects and joins."""
+
+    examples: list
+    completions: list
+    truncated: list
+    rewards: np.ndarray  # (N,) total reward, NaN where unscorable
+    scores: np.ndarray  # (N, F) each function's scores (NaN where None), the overlong punishment last
+    task_rewards: np.ndarray  # (N,) the reward functions' total without the overlong punishment
+    group: int
+
+    @classmethod
+    def of(cls, examples, completions, truncated, rewards, per_function, group):
+        scores = (np.stack(list(per_function.values()), axis=1) if per_function
+                  else np.full((len(completions), 0), np.nan))
+        task = rewards - per_function.get(OVERLONG, 0.0)
+        task[unscorable({k: v for k, v in per_function.items() if k != OVERLONG}, len(completions))] = np.nan
+        return cls(list(examples), list(completions), list(truncated), rewards, scores, task, group)
+
+    def select(self, keep_groups: np.ndarray) -> "_SampledGroups":
+        rows = np.repeat(keep_groups, self.group)
+        return _SampledGroups([e for e, k in zip(self.examples, keep_groups) if k],
+                              [c for c, r in zip(self.completions, rows) if r],
+                              [t for t, r in zip(self.truncated, rows) if r],
+                              self.rewards[rows], self.scores[rows], self.task_rewards[rows], self.group)
+
+    def extend(self, other: "_SampledGroups") -> "_SampledGroups":
+        return _SampledGroups(self.examples + other.examples, self.completions + other.completions,
+                              self.truncated + other.truncated, np.concatenate([self.rewards, other.rewards]),
+                              np.concatenate([self.scores, other.scores]),
+                              np.concatenate([self.task_rewards, other.task_rewards]), self.group)
+
+    def first(self, groups: int) -> "_SampledGroups":
+        return self.select(np.arange(len(self.examples)) < groups)
 
 
 def completion_tensors(completions: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -389,11 +431,14 @@ class GRPOLogic:
         return self.world.owns(offset % chunk_size)
 
     def batch_weight(self, batch: RolloutBatch) -> float:
-        if self.args.loss_type == "dapo":
-            # Token-level mean over the accumulated batch. A micro-batch whose completions were all
-            # masked (truncated) has nothing to train on but must not stop the step.
-            return max(batch.completion_tokens, 1e-6)
+        if self.args.loss_type == "dapo":  # token-level mean over the accumulated batch
+            return batch.completion_tokens
         return 1.0
+
+    def has_gradient(self, batch: RolloutBatch) -> bool:
+        # Every completion truncated and masked (DAPO's overlong filtering), or no group kept by
+        # dynamic sampling: a step of only such batches takes no optimizer update.
+        return batch.completion_tokens > 0
 
     def batch_tokens(self, batch: RolloutBatch) -> int:
         return batch.num_tokens
@@ -416,64 +461,76 @@ class GRPOLogic:
         else:
             advantages, _ = grpo_advantages(self.to_array(scored.rewards), a.num_generations,
                                             scale_rewards=a.scale_rewards, batch_std=batch_std)
-        return self.make_rollout_batch(scored.examples, scored.completions, scored.truncated, advantages)
+        return self.make_rollout_batch(scored.examples, scored.completions, scored.truncated, advantages,
+                                       in_loss=not scored.nothing_kept)
 
     def _sample_and_score(self, examples, seed) -> ScoredRollout:
-        """Sample G completions per prompt (seeded by ``seed``), score them, sample again with
-        dynamic sampling, and record the step's rollout metrics."""
+        """Sample G completions per prompt (seeded by ``seed``), score them and record the step's
+        rollout metrics; with dynamic sampling, keep only the groups of mixed accuracy and draw new
+        prompts until the batch is full again (``_fill_with_mixed_groups``)."""
         a: GRPOConfig = self.args
         group = a.num_generations
         self.seed_sampling(int(np.random.default_rng(list(seed)).integers(2**31)))
         started = time.perf_counter()
         completions, truncated, generated = self._sample(examples)
         rewards, per_function = self._score(examples, completions, truncated)
-        # (N, F): each function's scores, NaN where None (normalize_then_sum's input)
-        scores = (np.stack(list(per_function.values()), axis=1) if per_function
-                  else np.full((len(completions), 0), np.nan))
-        first_rewards, first_per_function, first_completions, first_truncated = (
-            rewards.copy(), per_function, list(completions), list(truncated))
-
-        rounds, keep = 1, np.ones(len(examples), dtype=bool)
+        sampled = first_sample = _SampledGroups.of(examples, completions, truncated, rewards, per_function, group)
+        rounds, nothing_kept = 1, False
         if a.dynamic_sampling:
-            keep = self._mixed_groups(rewards, group)
-            while not keep.all() and rounds < a.max_sampling_rounds:
-                rounds += 1
-                redo = [i for i in range(len(examples)) if not keep[i]]
-                new_completions, new_truncated, new_tokens = self._sample([examples[i] for i in redo])
-                generated += new_tokens
-                new_rewards, new_per_function = self._score([examples[i] for i in redo], new_completions,
-                                                            new_truncated)
-                for slot, i in enumerate(redo):
-                    rows, new_rows = slice(i * group, (i + 1) * group), slice(slot * group, (slot + 1) * group)
-                    completions[rows], truncated[rows] = new_completions[new_rows], new_truncated[new_rows]
-                    rewards[rows] = new_rewards[new_rows]
-                    if new_per_function:
-                        scores[rows] = np.stack(list(new_per_function.values()), axis=1)[new_rows]
-                keep = self._mixed_groups(rewards, group)
-            if not keep.all():
-                kept = int(keep.sum())
-                what = (f"training on the {kept} groups with mixed rewards" if kept else
-                        "training on all of them (this step has no policy gradient)")
-                warnings.warn(f"DAPO dynamic sampling: after {rounds} sampling rounds, {len(keep) - kept} of "
-                              f"{len(keep)} prompt groups still have equal rewards; {what}. Raise "
-                              f"max_sampling_rounds or num_generations, or check the reward functions.",
-                              stacklevel=2)
-                if not kept:
-                    keep[:] = True
-        rollout_seconds = time.perf_counter() - started
-
-        rows = np.repeat(keep, group)
-        kept_examples = [e for e, k in zip(examples, keep) if k]
-        completions = [c for c, r in zip(completions, rows) if r]
-        truncated = [t for t, r in zip(truncated, rows) if r]
-        self._record(first_rewards, first_per_function, first_completions, first_truncated, generated,
-                     rollout_seconds, rounds, float(keep.mean()))
+            sampled, rounds, drawn = self._fill_with_mixed_groups(first_sample, seed)
+            generated += drawn
+            nothing_kept = not sampled.examples
+            if nothing_kept:  # the step goes on with the first sample, out of the loss (no update)
+                sampled = first_sample
+        # The rollout metrics are the first sample's: the reward curve tracks the policy itself.
+        self._record(rewards, per_function, completions, truncated, generated, time.perf_counter() - started,
+                     rounds, 0.0 if nothing_kept else len(sampled.examples) / len(examples))
         if a.multi_objective_aggregation == "normalize_then_sum":  # GDPO: the advantages normalize these
-            weights = [f.weight for f in self.reward_functions] + [1.0] * (scores.shape[1] - len(self.reward_functions))
-            sums = normalized_reward_sum(self.to_array(scores[rows]), group, reward_weights=weights)
-            return ScoredRollout(kept_examples, completions, truncated,
-                                 np.asarray(self.to_numpy(sums), dtype=np.float64))
-        return ScoredRollout(kept_examples, completions, truncated, rewards[rows])
+            weights = [f.weight for f in self.reward_functions] + [1.0] * (sampled.scores.shape[1]
+                                                                           - len(self.reward_functions))
+            sums = normalized_reward_sum(self.to_array(sampled.scores), group, reward_weights=weights)
+            rewards = np.asarray(self.to_numpy(sums), dtype=np.float64)
+        else:
+            rewards = sampled.rewards
+        return ScoredRollout(sampled.examples, sampled.completions, sampled.truncated, rewards, nothing_kept)
+
+    def _fill_with_mixed_groups(self, sampled: "_SampledGroups", seed) -> tuple["_SampledGroups", int, int]:
+        """DAPO's dynamic sampling (arXiv:2503.14476, Algorithm 1): keep the groups whose accuracy is
+        mixed (``_mixed_groups``) and sample G completions for as many new prompts as the batch holds,
+        again and again, until the kept groups fill the batch (the first B are trained) or
+        ``max_sampling_rounds`` rounds were sampled. The new prompts are other prompts of the
+        training set in an order seeded by ``seed``, so a resumed run draws the same ones.
+
+        Returns (the kept groups, rounds sampled, tokens generated after the first round). Fewer
+        groups than the batch holds after the last round train as a smaller batch, with a warning;
+        none: an empty result (the step then has nothing to train)."""
+        a: GRPOConfig = self.args
+        wanted = len(sampled.examples)
+        kept = sampled.select(self._mixed_groups(sampled.task_rewards, a.num_generations))
+        batch = {id(e) for e in sampled.examples}
+        # Other prompts than the batch's (the paper takes the next batches of the data); a data set
+        # with no other prompt samples its own again.
+        others = [e for e in self.examples if id(e) not in batch] or list(self.examples)
+        order = np.random.default_rng([*seed, 1]).permutation(len(others))
+        rounds, drawn, position = 1, 0, 0
+        while len(kept.examples) < wanted and rounds < a.max_sampling_rounds:
+            rounds += 1
+            new_examples = [others[order[(position + i) % len(order)]] for i in range(wanted)]
+            position += wanted
+            completions, truncated, tokens = self._sample(new_examples)
+            drawn += tokens
+            rewards, per_function = self._score(new_examples, completions, truncated)
+            new = _SampledGroups.of(new_examples, completions, truncated, rewards, per_function, a.num_generations)
+            kept = kept.extend(new.select(self._mixed_groups(new.task_rewards, a.num_generations)))
+        kept = kept.first(wanted)
+        if len(kept.examples) < wanted:
+            what = (f"training on the {len(kept.examples)} groups with mixed rewards" if kept.examples else
+                    "this step trains nothing (no optimizer update)")
+            warnings.warn(f"DAPO dynamic sampling: after {rounds} sampling rounds of {wanted} prompts, "
+                          f"{len(kept.examples)} of the {wanted} prompt groups of the batch have mixed rewards; "
+                          f"{what}. Raise max_sampling_rounds or num_generations, or check the reward "
+                          f"functions.", stacklevel=3)
+        return kept, rounds, drawn
 
     def _mixed_groups(self, rewards: np.ndarray, group: int) -> np.ndarray:
         """The groups whose scorable rewards are not all equal. An unscorable completion (NaN) takes
@@ -518,19 +575,21 @@ class GRPOLogic:
             penalty = self.to_numpy(soft_overlong_punishment(lengths, a.max_completion_length,
                                                              a.overlong_buffer_length))
             penalty = a.overlong_penalty_factor * np.asarray(penalty, dtype=np.float64)
-            per_function["overlong_punishment"] = penalty
+            per_function[OVERLONG] = penalty
             total = total + penalty
         # Unscorable (every function returned None): NaN, left out of the advantages' statistics.
         # The overlong punishment counts as a function (TRL's is one: its soft_overlong_punishment).
         total[unscorable(per_function, len(completions))] = np.nan
         return total, per_function
 
-    def make_rollout_batch(self, examples, completions, truncated, advantages) -> RolloutBatch:
+    def make_rollout_batch(self, examples, completions, truncated, advantages, in_loss=True) -> RolloutBatch:
         """Pack the completions, mask truncated ones (DAPO), and score them under the sampling
-        policy (``reuses_rollouts``) and the reference (beta > 0), without the gradient."""
+        policy (``reuses_rollouts``) and the reference (beta > 0), without the gradient. in_loss
+        False: every token is masked out (a batch with nothing to train)."""
         a: GRPOConfig = self.args
         prompt_ids = [list(e.prompt_ids) for e in examples]
         ids, mask = completion_tensors(completions, self.pad_id)
+        mask *= float(in_loss)
         completion_ids, completion_mask = self.to_array(ids, "int32"), self.to_array(mask)
         if a.mask_truncated_completions:
             completion_mask = mask_truncated_completions(completion_mask, self.to_array(np.array(truncated), "bool"))

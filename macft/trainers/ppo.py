@@ -17,7 +17,9 @@ Then num_ppo_epochs passes over the rollout, each a fresh shuffle cut into num_m
 minibatches; one minibatch is one optimizer step (its gradient_accumulation_steps micro-batches of
 per_device_train_batch_size are averaged), on clipped policy loss + vf_coef x clipped value loss.
 
-The completion mask includes the EOS token, and the score lands on it (see algorithms.ppo).
+The completion mask includes the EOS token, and the score lands on it; trl 1.12 puts it one position
+later (see algorithms.ppo, and tests/algorithms/test_ppo_trl.py, which runs this rollout code on
+trl 1.12's own tensors).
 
 The value model is separate from the policy (the policy's adapter never sees the value loss) and
 initialised from the reward model where there is one; see ``macft.mlx.ppo`` for how each backend

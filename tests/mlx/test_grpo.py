@@ -167,7 +167,7 @@ class CountingReward:
 
 def test_dapo_samples_equal_reward_groups_again(tiny_model_dir, tmp_path):
     model, tokenizer = tiny_policy(tiny_model_dir)
-    # Call 1: every group has equal rewards; call 2 (the redo of all groups): mixed ones.
+    # Call 1: every group has equal rewards; call 2 (new prompts): mixed ones.
     reward = CountingReward(lambda call, prompts, n: [0.0] * n if call == 1 else [float(i % 2) for i in range(n)])
     trainer = grpo(model, tokenizer, tmp_path, reward_funcs=reward, max_steps=1, dynamic_sampling=True,
                    **PRESETS["dapo"])
@@ -177,23 +177,90 @@ def test_dapo_samples_equal_reward_groups_again(tiny_model_dir, tmp_path):
     assert step["reward_mean"] == 0.0 and step["frac_reward_zero_std"] == 1.0  # the policy's own first sample
 
 
-def test_dapo_gives_up_after_max_rounds_with_a_warning(tiny_model_dir, tmp_path):
+def test_dapo_draws_new_prompts_until_the_batch_is_full_of_mixed_groups(tiny_model_dir, tmp_path):
+    """DAPO's Algorithm 1: the groups of equal accuracy are dropped and new prompts of the data are
+    sampled until the kept groups fill the batch; the first B kept are trained."""
     model, tokenizer = tiny_policy(tiny_model_dir)
-    # Topic 0's group always gets equal rewards; the other prompts' groups are mixed.
-    rows = [PROMPTS[0], PROMPTS[1]]
-    reward = CountingReward(lambda call, prompts, n: [0.0 if "topic 0" in p else float(i % 2)
-                                                      for i, p in enumerate(prompts)])
-    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=reward, rows=rows, max_steps=1, loss_type="dapo",
-                   dynamic_sampling=True, max_sampling_rounds=3, overlong_buffer_length=2, max_completion_length=4,
-                   mask_truncated_completions=True)
-    with pytest.warns(UserWarning, match=r"dynamic sampling: after 3 sampling rounds, 1 of 2 prompt groups"):
+    mixed_topics = ("topic 5", "topic 6", "topic 7")
+    seen = []
+
+    def accuracy(prompts, completions, **kwargs):
+        seen.append(sorted(set(prompts)))
+        return [float(i % 2) if any(t in p for t in mixed_topics) else 1.0 for i, p in enumerate(prompts)]
+
+    # (no overlong filtering: the random model's completions all run to the length limit)
+    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=accuracy, max_steps=2, dynamic_sampling=True,
+                   max_sampling_rounds=20, **{**PRESETS["dapo"], "mask_truncated_completions": False})
+    trained = []
+    make_batch = trainer.make_rollout_batch
+    trainer.make_rollout_batch = lambda examples, *rest, **kw: trained.append(
+        [e.prompt for e in examples]) or make_batch(examples, *rest, **kw)
+    trainer.train()
+    for step, prompts in zip(trainer.metrics_history, trained):
+        assert len(prompts) == 2 and all(any(t in p for t in mixed_topics) for p in prompts)
+        assert step["kept_groups_frac"] == 1.0 and step["loss"] != 0.0
+    rounds = [int(step["sampling_rounds"]) for step in trainer.metrics_history]
+    assert sum(rounds) == len(seen) and rounds[0] > 1
+    # The rounds after the first sample other prompts than the batch's.
+    later = {p for round_prompts in seen[1:rounds[0]] for p in round_prompts}
+    assert later and not later & set(seen[0])
+
+
+def test_dapo_filters_on_accuracy_not_on_the_overlong_shaped_reward(tiny_model_dir, tmp_path):
+    from macft.trainers.grpo import OVERLONG, _SampledGroups
+
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    trainer = grpo(model, tokenizer, tmp_path)
+    # Group 1: equally accurate, lengths differ (so do the shaped rewards); group 2: mixed accuracy.
+    accuracy = np.array([1.0, 1.0, 0.0, 1.0])
+    overlong = np.array([0.0, -0.5, 0.0, 0.0])
+    sampled = _SampledGroups.of(PROMPTS[:2], [[1]] * 4, [False] * 4, accuracy + overlong,
+                                {"accuracy": accuracy, OVERLONG: overlong}, group=2)
+    assert sampled.task_rewards.tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert trainer._mixed_groups(sampled.task_rewards, 2).tolist() == [False, True]
+    assert trainer._mixed_groups(sampled.rewards, 2).tolist() == [True, True]  # what it must not judge
+
+
+def test_dapo_preset_turns_the_soft_overlong_punishment_on():
+    config = GRPOConfig.from_preset("dapo", max_completion_length=1000)
+    assert config.dynamic_sampling and config.overlong_buffer_length == 200  # the paper's 4096 of 20480
+    assert GRPOConfig.from_preset("dapo", overlong_buffer_length=0).overlong_buffer_length == 0
+    assert GRPOConfig.from_preset("grpo").overlong_buffer_length is None
+
+
+def test_a_step_with_nothing_to_train_leaves_weights_and_optimizer_unchanged(tiny_model_dir, tmp_path):
+    """Dynamic sampling that keeps no group: no optimizer update (a zero-gradient Adam step would
+    still move the weights through its momentum), the step logged as skipped."""
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    # Step 1 has mixed groups; from step 2 on every group of every prompt is equally rewarded.
+    reward = CountingReward(lambda call, prompts, n: [float(i % 2) for i in range(n)] if call == 1 else [0.0] * n)
+    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=reward, max_steps=2, save_steps=1, loss_type="dapo",
+                   dynamic_sampling=True, max_sampling_rounds=3, beta=0.0, epsilon_high=0.28)
+    with pytest.warns(UserWarning, match=r"dynamic sampling: after 3 sampling rounds of 2 prompts, 0 of the 2 "
+                                         r"prompt groups of the batch have mixed rewards; this step trains nothing"):
         trainer.train()
-        step = trainer.metrics_history[0]
-    assert reward.calls == 3 and step["sampling_rounds"] == 3 and step["kept_groups_frac"] == 0.5
+    first, second = trainer.metrics_history[:2]
+    assert "skipped" not in first and first["grad_norm"] > 0
+    assert second["skipped"] is True and second["kept_groups_frac"] == 0.0 and second["sampling_rounds"] == 3
+    assert second["loss"] == 0.0 and second["grad_norm"] == 0.0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    after = [mx.load(str(checkpoints / f"step_{s}" / "adapter" / "adapters.safetensors")) for s in (1, 2)]
+    assert all(mx.array_equal(after[0][k], after[1][k]).item() for k in after[0])
+
+
+def test_dapo_masks_truncated_completions_and_punishes_them(tiny_model_dir, tmp_path):
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    reward = CountingReward(lambda call, prompts, n: [float(i % 2) for i in range(n)])
+    trainer = grpo(model, tokenizer, tmp_path, reward_funcs=reward, max_steps=1, loss_type="dapo",
+                   dynamic_sampling=True, overlong_buffer_length=2, max_completion_length=4,
+                   mask_truncated_completions=True)
+    with pytest.warns(UserWarning, match=r"step 1: no micro-batch has anything to train"):
+        trainer.train()
+    step = trainer.metrics_history[0]
     # The random model never stops before 4 tokens: every completion is in the overlong zone
-    # (|y| = L_max: penalty -1) and truncated, so masked out of the loss.
-    assert step["rewards/overlong_punishment/mean"] == -1.0
-    assert step["completion_truncated_frac"] == 1.0 and step["loss"] == 0.0 and step["grad_norm"] == 0.0
+    # (|y| = L_max: penalty -1) and truncated, so masked out of the loss: no update.
+    assert step["rewards/overlong_punishment/mean"] == -1.0 and step["sampling_rounds"] == 1
+    assert step["completion_truncated_frac"] == 1.0 and step["loss"] == 0.0 and step["skipped"] is True
 
 
 def test_a_failing_reward_stops_the_run_and_keeps_the_checkpoints(tiny_model_dir, tmp_path):
