@@ -31,8 +31,8 @@ def build_trainer(values: dict, model, tokenizer, eval_dataset=None):
     from macft import SFTConfig, SFTTrainer
 
     config = SFTConfig(max_length=values["max_seq_length"], train_on_prompt=train_on_prompt(values),
-                       completion_only_loss=None, assistant_only_loss=None, dataset_text_field="text", packing=bool(values["packing"]),
-                       loss_type="nll", **training_config_values(values))
+                       completion_only_loss=None, assistant_only_loss=None, dataset_text_field="text",
+                       packing=bool(values.get("packing")), loss_type="nll", **training_config_values(values))
     return SFTTrainer(model=model, processing_class=tokenizer, args=config, train_dataset=values["data"],
                       eval_dataset=eval_dataset)
 
