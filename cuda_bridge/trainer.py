@@ -134,6 +134,15 @@ class Trainer(TrainingLoop):
 
         return sequence_logps(model, input_ids)
 
+    def packed_token_logps(self, model, input_ids, position_ids):
+        """``token_logps`` of packed rows (several samples per row, positions restarting at 0 with
+        each). With no attention mask, transformers reads the restarts in ``position_ids`` as packed
+        sequences: a block-diagonal causal mask for sdpa/eager, varlen for flash attention; RoPE
+        takes each token's own position."""
+        from cuda_bridge.logps import sequence_logps
+
+        return sequence_logps(model, input_ids, position_ids=position_ids)
+
     # -- backend hooks
     def seed(self, seed: int):
         torch.manual_seed(seed)  # seeds every CUDA device too

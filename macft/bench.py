@@ -4,6 +4,12 @@
 loss trajectory and the gradient norm of the trained parameters (a zero norm voids the figure:
 nothing trained). ``--peer-python`` also runs mlx-lm-lora's SFT on the same model, data and
 settings in the same invocation, for a ratio measured side by side.
+
+With ``--data FILE`` (SFT rows) or ``--data alpaca-like`` (generated ragged rows,
+``macft.bench_data``) it trains on real lengths instead, rows cut at ``--seq-len``;
+``--packing`` packs them into rows of ``--seq-len`` and ``--compare-packing`` runs both ways on
+the same data and prints them side by side. tokens/s always counts real (non-pad) tokens, and the
+padding fraction of the batches is printed beside it.
 """
 
 import json
@@ -48,6 +54,11 @@ def bench_sft(
                                  help="Also run the same steps with HF transformers + PEFT (default: on with cuda)."),
     peer_python: str = typer.Option(None, "--peer-python", help="A Python with mlx-lm-lora installed: run it too."),
     json_out: str = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    data: str = typer.Option(None, "--data", help="SFT rows of real lengths (a .jsonl file or directory), or "
+                                                  "'alpaca-like' for generated Alpaca-like lengths; cut at --seq-len."),
+    packing: bool = typer.Option(False, "--packing", help="With --data: pack samples into rows of --seq-len."),
+    compare_packing: bool = typer.Option(False, "--compare-packing",
+                                         help="With --data: run unpacked, then packed, and print them side by side."),
 ):
     """LoRA SFT step throughput (tokens/s) and peak memory."""
     use_backend(backend)
@@ -55,6 +66,15 @@ def bench_sft(
 
     if model and model_shape:
         raise typer.BadParameter("give --model or --model-shape, not both")
+    if (packing or compare_packing) and not data:
+        raise typer.BadParameter("--packing and --compare-packing need --data (FILE or alpaca-like): fixed-length "
+                                 "samples have nothing to pack")
+    if data:
+        if hf_peer or peer_python:
+            raise typer.BadParameter("--data runs macft only: drop --hf-peer / --peer-python")
+        return _bench_sft_data(data, model, model_shape, tokenizer_dir, batch_size, seq_len, steps, warmup, lora_rank,
+                               num_layers, load_in_4bit, grad_checkpoint, current(),
+                               [False, True] if compare_packing else [packing], json_out)
     hf_peer = current() == "cuda" if hf_peer is None else hf_peer
     if hf_peer and current() != "cuda":
         raise typer.BadParameter("--hf-peer compares against the cuda backend: add --backend cuda")
@@ -113,35 +133,91 @@ def _run_hf_peer(results, ours, batch_size, seq_len, steps, warmup, lora_rank, n
                f"first-step loss difference {ratios['first_loss_difference']:.4f}")
 
 
+def _bench_sft_data(data, model, model_shape, tokenizer_dir, batch_size, seq_len, steps, warmup, lora_rank, num_layers,
+                    load_in_4bit, grad_checkpoint, backend, packing_modes, json_out):
+    """``bench sft --data``: real-length rows, unpacked and/or packed, real tokens/s side by side."""
+    from macft.bench_data import alpaca_like_rows
+    from macft.data import load_rows
+
+    rows = alpaca_like_rows() if data == "alpaca-like" else list(load_rows(data))
+    results = {"settings": {"model": model or model_shape or "SmolLM2-135M-Instruct (embedded)", "data": data,
+                            "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
+                            "lora_rank": lora_rank, "num_layers": num_layers, "load_in_4bit": load_in_4bit,
+                            "grad_checkpoint": grad_checkpoint, "backend": backend}}
+    with tempfile.TemporaryDirectory(prefix="macft-bench-") as tmp:
+        tmp = Path(tmp)
+        if model_shape:
+            from macft.bench_hf import build_shape_dir
+
+            model = str(build_shape_dir(model_shape, tmp / "model", tokenizer_dir=tokenizer_dir))
+        for packing in packing_modes:
+            name = "packed" if packing else "unpacked"
+            if backend == "cuda":
+                from macft.bench_hf import release_memory
+
+                release_memory()
+            result = run_macft_sft(model, tmp / name, batch_size, seq_len, steps, warmup, lora_rank, num_layers,
+                                   load_in_4bit, grad_checkpoint, rows=rows, packing=packing)
+            results[name] = result
+            _print_result(f"macft {name}", result)
+            typer.echo(f"  {name}: padding {result['padding_fraction']:.1%} of the batches' tokens, "
+                       f"{result['tokens_per_step']:,.0f} real tokens per step; sample lengths {result['lengths']}")
+    if len(packing_modes) == 2:
+        speedup = results["packed"]["tokens_per_sec"] / results["unpacked"]["tokens_per_sec"]
+        results["packing_speedup"] = speedup
+        typer.echo(f"real tokens/s: unpacked {results['unpacked']['tokens_per_sec']:,.1f} | packed "
+                   f"{results['packed']['tokens_per_sec']:,.1f} | packing {speedup:.2f}x")
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2))
+    return results
+
+
 def run_macft_sft(model_name, workdir: Path, batch_size, seq_len, steps, warmup, lora_rank, num_layers, load_in_4bit,
-                  grad_checkpoint) -> dict:
+                  grad_checkpoint, rows=None, packing=False) -> dict:
+    """Train ``steps + warmup`` LoRA steps and measure the last ``steps``: real (non-pad) tokens over
+    step time. ``rows``: SFT rows to train on (default: fixed-length texts of ``seq_len`` tokens,
+    every token a target); ``packing``: pack them into rows of ``seq_len``."""
     from macft import FastLanguageModel, SFTConfig, SFTTrainer
 
     llm, tokenizer = FastLanguageModel.from_pretrained(model_name, max_seq_length=seq_len, load_in_4bit=load_in_4bit)
     FastLanguageModel.get_peft_model(llm, r=lora_rank, lora_alpha=2 * lora_rank, num_layers=num_layers,
                                      use_gradient_checkpointing=grad_checkpoint)
     total_steps = steps + warmup
-    rows = [{"text": t} for t in bench_texts(tokenizer, batch_size * total_steps, seq_len)]
+    fixed_length = rows is None
+    if fixed_length:
+        rows = [{"text": t} for t in bench_texts(tokenizer, batch_size * total_steps, seq_len)]
+    workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / "data"
     data_dir.mkdir()
     for split, split_rows in (("train", rows), ("valid", rows[:batch_size])):
         (data_dir / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
     config = SFTConfig(logging_steps=1, seed=3407, output_dir=str(workdir / "macft"), max_length=seq_len, max_steps=total_steps,
                        per_device_train_batch_size=batch_size, learning_rate=1e-4, lr_scheduler_type="constant",
-                       eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True, train_on_prompt=True)
+                       eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True, train_on_prompt=fixed_length,
+                       packing=packing)
     trainer = SFTTrainer(model=llm, processing_class=tokenizer, args=config, train_dataset=rows)
     trainer.train()
     metrics = [m for m in trainer.metrics_history if "tokens_per_sec" in m]
     measured = metrics[warmup:]
     tokens = sum(m["tokens"] for m in measured)
     seconds = sum(m["step_time_s"] for m in measured)
-    return {
+    result = {
         "tokens_per_sec": tokens / seconds,
         "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics),
         "loss": [round(m["loss"], 4) for m in metrics],
         "grad_norm": [round(m["grad_norm"], 4) for m in metrics],
         "model_path": llm.macft.path,
     }
+    if not fixed_length:
+        from macft.bench_data import length_summary
+
+        examples = trainer.train_examples
+        # Each step's slots (rows x width) are its real tokens / (1 - padding fraction).
+        slots = sum(m["tokens"] / (1 - m["padding_fraction"]) for m in measured)
+        result["padding_fraction"] = 1 - tokens / slots
+        result["tokens_per_step"] = tokens / len(measured)
+        result["lengths"] = length_summary([len(e.input_ids) for e in examples])
+    return result
 
 
 def run_mlx_lm_lora_sft(peer_python, model_path, data_dir: Path, out: Path, batch_size, seq_len, iters, lora_rank,

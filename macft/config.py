@@ -273,7 +273,7 @@ class SFTConfig(TrainingConfig):
     """
 
     trl_config: ClassVar[str] = "SFTConfig"
-    summary_fields: ClassVar[tuple] = ("max_length", "train_on_prompt", "dataset_text_field")
+    summary_fields: ClassVar[tuple] = ("max_length", "train_on_prompt", "dataset_text_field", "packing")
 
     learning_rate: float = 2e-5
     max_length: int | None = 1024
@@ -284,7 +284,12 @@ class SFTConfig(TrainingConfig):
     # rule (assistant tokens only) unless it is set to False explicitly.
     assistant_only_loss: bool | None = None
     dataset_text_field: str = "text"
+    # Padding-free packing (macft.packing): whole samples side by side in rows of max_length, each
+    # attending only to itself. TRL's names; "bfd" (best-fit decreasing) is the one strategy.
     packing: bool = False
+    packing_strategy: str = "bfd"
+    padding_free: bool = False
+    eval_packing: bool | None = None  # None: as packing (TRL)
     loss_type: str = "nll"
 
     def __post_init__(self):
@@ -295,8 +300,13 @@ class SFTConfig(TrainingConfig):
         super().__post_init__()
         if self.completion_only_loss is False or self.assistant_only_loss is False:
             self.train_on_prompt = True
-        if self.packing:
-            raise ConfigError("packing=True is not supported yet; leave it False")
+        if self.packing_strategy != "bfd":
+            raise ConfigError(f"packing_strategy {self.packing_strategy!r}: only 'bfd' (best-fit decreasing, whole "
+                              "samples; a sample longer than max_length is truncated) is supported")
+        if self.padding_free and not self.packing:
+            # TRL's padding_free alone flattens each batch into one row; here padding-free training is packing.
+            raise ConfigError("padding_free=True needs packing=True here (packing is macft's padding-free path: "
+                              "set packing=True, or leave padding_free False)")
         if self.loss_type != "nll":
             raise ConfigError(f"SFT loss_type {self.loss_type!r}: only 'nll' is supported")
         if self.max_length < 2:

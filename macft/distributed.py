@@ -143,6 +143,7 @@ def combine_step_results(results: list[dict]) -> dict:
     metrics and tokens summed (each already weighted by its share of the whole step), step metrics
     (rollout statistics) averaged over the ranks that have them, peak memory the largest."""
     combined = {"loss": sum(r["loss"] for r in results), "metrics": {}, "tokens": sum(r["tokens"] for r in results),
+                "slots": sum(r.get("slots", 0) for r in results),
                 "peak_memory_gb": max(r["peak_memory_gb"] for r in results),
                 "stop": next((r["stop"] for r in results if r["stop"] is not None), None), "step_metrics": {}}
     for result in results:

@@ -11,6 +11,9 @@ FLAGS = (
     Flag("train_on_prompt", ("--train-on-prompt",), bool, False, "Also train on prompt / user tokens."),
     Flag("mask_prompt", ("--mask-prompt",), bool, None,
          "mlx-lm-lora's flag: loss on the completion only (the default here); --no-mask-prompt = --train-on-prompt."),
+    Flag("packing", ("--packing",), bool, False,
+         "Pack whole samples into rows of --max-seq-length (best-fit decreasing), each attending only to itself: "
+         "no padding, the same per-sample loss (TRL's packing=True)."),
 )
 
 
@@ -28,8 +31,8 @@ def build_trainer(values: dict, model, tokenizer, eval_dataset=None):
     from macft import SFTConfig, SFTTrainer
 
     config = SFTConfig(max_length=values["max_seq_length"], train_on_prompt=train_on_prompt(values),
-                       completion_only_loss=None, assistant_only_loss=None, dataset_text_field="text", packing=False,
-                       loss_type="nll", **training_config_values(values))
+                       completion_only_loss=None, assistant_only_loss=None, dataset_text_field="text",
+                       packing=bool(values.get("packing")), loss_type="nll", **training_config_values(values))
     return SFTTrainer(model=model, processing_class=tokenizer, args=config, train_dataset=values["data"],
                       eval_dataset=eval_dataset)
 

@@ -136,6 +136,12 @@ class TrainingLoop:
         return 1.0
 
     def batch_tokens(self, batch) -> int:
+        """Real (non-pad) tokens of a micro-batch: what tokens_per_sec counts."""
+        return 0
+
+    def batch_slots(self, batch) -> int:
+        """Token slots of a micro-batch, padding included (rows x width); where a trainer counts them
+        (SFT), each logged step has ``padding_fraction`` = 1 - tokens / slots."""
         return 0
 
     def has_gradient(self, batch) -> bool:
@@ -431,6 +437,7 @@ class TrainingLoop:
         """This step over every rank: summed losses and metrics (each rank's already weighted by its
         share of the step), tokens, rollout statistics, peak memory, and any stop signal."""
         local = {"loss": loss, "metrics": metrics, "tokens": sum(self.batch_tokens(b) for b in micro),
+                 "slots": sum(self.batch_slots(b) for b in micro),
                  "peak_memory_gb": self.peak_memory_gb(), "stop": stop_signal, "step_metrics": self.step_metrics}
         self.step_metrics = {}
         return combine_step_results(self.world.gather(local))
@@ -492,12 +499,13 @@ class TrainingLoop:
         random.seed(seed)
 
     def _step_record(self, step, result, grad_norm, elapsed) -> dict:
-        tokens = result["tokens"]
+        tokens, slots = result["tokens"], result.get("slots", 0)
+        padding = {"padding_fraction": 1.0 - tokens / slots} if slots else {}
         return {"step": step + 1, "epoch": round(self.state["epoch"] + self.state["batch_in_epoch"]
                                                  / max(1, self.steps_per_epoch()), 4),
                 "loss": result["loss"], "learning_rate": self.learning_rate_at(step), "grad_norm": grad_norm,
                 "tokens": tokens, "tokens_per_sec": tokens / elapsed if elapsed > 0 else 0.0,
-                "step_time_s": elapsed, "peak_memory_gb": result["peak_memory_gb"], **result["metrics"],
+                "step_time_s": elapsed, **padding, "peak_memory_gb": result["peak_memory_gb"], **result["metrics"],
                 **result["step_metrics"]}
 
     def _warn(self, message: str):

@@ -46,6 +46,13 @@ class Trainer(TrainingLoop):
         """(B, T) ids -> (B, T-1) float32 log-probs of each next token."""
         return sequence_logps(model, input_ids)
 
+    def packed_token_logps(self, model, input_ids, position_ids):
+        """``token_logps`` of packed rows (several samples per row, positions restarting at 0 with
+        each): attention stays within each sample (``macft.mlx.packed``)."""
+        from macft.mlx.packed import packed_token_logps
+
+        return packed_token_logps(model, input_ids, position_ids)
+
     def compile_enabled(self) -> bool:
         """``compile_step`` from the config; by default on where MLX runs on a GPU. On the CPU the
         step is bound by BLAS and a compiled step only adds a trace for every new batch shape."""

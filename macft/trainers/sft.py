@@ -4,9 +4,12 @@
 ``cuda_bridge.sft.SFTTrainer``; the backend's Trainer supplies ``to_array`` (numpy -> backend
 array) and ``token_logps`` (per-token log-probs of the next tokens). Imports neither mlx nor torch.
 
-A micro-batch is ``(input_ids (B, T), loss_mask (B, T), counts [target tokens, real tokens])``;
-the loss is the masked token NLL, and micro-batches of one step count by their target tokens, so
-accumulating k batches of b rows equals one batch of k*b rows.
+A micro-batch is ``(input_ids (B, T), loss_mask (B, T), counts [target tokens, real tokens, token
+slots B*T])``; the loss is the masked token NLL, and micro-batches of one step count by their target
+tokens, so accumulating k batches of b rows equals one batch of k*b rows. With ``packing=True`` the
+rows hold several whole samples each (``macft.packing``) and the micro-batch carries their
+``position_ids (B, T)`` too, restarting at 0 with every sample: the backend's ``packed_token_logps``
+keeps each sample's attention to itself, so every sample's loss is the one it has unpacked.
 
 As in TRL, the data is tokenized when the trainer is built: ``trainer.train_dataset`` (and
 ``eval_dataset``) is then a ``TokenizedDataset``, whose items read as TRL's
@@ -16,6 +19,7 @@ As in TRL, the data is tokenized when the trainer is built: ``trainer.train_data
 """
 
 import itertools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from algorithms.sft import sft_loss
 from macft.config import SFTConfig
 from macft.data import (DataError, Example, Rows, has_chat_template, has_split, iterate_batches, load_rows,
                         load_sft_dataset, num_batches, tokenize_sft)
+from macft.packing import iterate_packed_batches, pack_examples
 from macft.training import TrainingLoop
 
 
@@ -110,14 +115,17 @@ def data_options(args, tokenizer, text_field: str | None = None) -> dict:
     return options
 
 
-def batch_counts(loss_mask: np.ndarray) -> np.ndarray:
-    """[target tokens, real tokens] of a right-padded batch, float32.
+def batch_counts(loss_mask: np.ndarray, real_tokens: int | None = None) -> np.ndarray:
+    """[target tokens, real tokens, token slots] of a batch, float32.
 
-    Every SFT sample ends with a target token (the completion's end), so a row's real length is
-    one past its last target."""
-    has_target = loss_mask.any(axis=1)
-    lengths = np.where(has_target, loss_mask.shape[1] - np.argmax(loss_mask[:, ::-1] > 0, axis=1), 0)
-    return np.array([float(loss_mask[:, 1:].sum()), float(lengths.sum())], dtype=np.float32)
+    ``real_tokens``: the batch's non-pad tokens where the caller knows them (packed rows); else, for
+    a right-padded batch, every SFT sample ends with a target token (the completion's end), so a
+    row's real length is one past its last target."""
+    if real_tokens is None:
+        has_target = loss_mask.any(axis=1)
+        lengths = np.where(has_target, loss_mask.shape[1] - np.argmax(loss_mask[:, ::-1] > 0, axis=1), 0)
+        real_tokens = lengths.sum()
+    return np.array([float(loss_mask[:, 1:].sum()), float(real_tokens), float(loss_mask.size)], dtype=np.float32)
 
 
 def remember_data_file(files: list, data, split: str):
@@ -169,6 +177,17 @@ class SFTAlgorithm(TrainingLoop):
             raise DataError("the training data has no example with a target token left after tokenization")
         self.eval_examples = self._examples(self.eval_dataset, "valid") if self.eval_dataset is not None else []
         self.pad_id = pad_token_id(self.tokenizer)
+        # Packed once: the rows depend only on the data and max_length, so a resume finds the same ones.
+        self.train_rows = self._pack(self.train_examples, "train") if self.args.packing else None
+        eval_packing = self.args.packing if self.args.eval_packing is None else self.args.eval_packing
+        self.eval_rows = self._pack(self.eval_examples, "valid") if eval_packing and self.eval_examples else None
+
+    def _pack(self, examples: list, split: str) -> list:
+        rows, stats = pack_examples(examples, self.max_length)
+        if self.world.is_main:
+            print(f"packing ({split}): {stats['num_examples']} samples in {stats['num_rows']} rows of "
+                  f"{self.max_length} tokens, {stats['fill']:.1%} filled", file=sys.stderr, flush=True)
+        return rows
 
     def _examples(self, dataset, split) -> list:
         if isinstance(dataset, TokenizedDataset):
@@ -188,15 +207,21 @@ class SFTAlgorithm(TrainingLoop):
                                 **data_options(self.args, self.tokenizer, self.args.dataset_text_field))
 
     def steps_per_epoch(self) -> int:
-        return num_batches(self.train_examples, self.args.per_device_train_batch_size)
+        return num_batches(self.train_rows if self.args.packing else self.train_examples,
+                           self.args.per_device_train_batch_size)
 
-    def make_batch(self, input_ids: np.ndarray, loss_mask: np.ndarray) -> tuple:
-        return (self.to_array(input_ids, "int32"), self.to_array(loss_mask, "float32"),
-                self.to_array(batch_counts(loss_mask), "float32"))
+    def make_batch(self, input_ids: np.ndarray, loss_mask: np.ndarray, position_ids: np.ndarray | None = None,
+                   real_tokens: int | None = None) -> tuple:
+        batch = (self.to_array(input_ids, "int32"), self.to_array(loss_mask, "float32"),
+                 self.to_array(batch_counts(loss_mask, real_tokens), "float32"))
+        return batch if position_ids is None else (*batch, self.to_array(position_ids, "int32"))
 
     def micro_batches(self, epoch: int, skip: int = 0):
-        batches = iterate_batches(self.train_examples, self.args.per_device_train_batch_size, seed=self.args.seed,
-                                  epoch=epoch, pad_id=self.pad_id)
+        size = self.args.per_device_train_batch_size
+        if self.args.packing:
+            batches = iterate_packed_batches(self.train_rows, size, seed=self.args.seed, epoch=epoch)
+        else:
+            batches = iterate_batches(self.train_examples, size, seed=self.args.seed, epoch=epoch, pad_id=self.pad_id)
         for index, arrays in enumerate(itertools.islice(batches, skip, None), start=skip):
             yield self.make_batch(*arrays) if self.owns_micro_batch(index) else None
 
@@ -204,8 +229,11 @@ class SFTAlgorithm(TrainingLoop):
         if not self.eval_examples:
             return
         limit = self.args.eval_batches
-        batches = iterate_batches(self.eval_examples, self.args.eval_batch_size, seed=0, shuffle=False,
-                                  pad_id=self.pad_id)
+        if self.eval_rows is not None:
+            batches = iterate_packed_batches(self.eval_rows, self.args.eval_batch_size, seed=0, shuffle=False)
+        else:
+            batches = iterate_batches(self.eval_examples, self.args.eval_batch_size, seed=0, shuffle=False,
+                                      pad_id=self.pad_id)
         for index, arrays in enumerate(batches):
             if 0 <= limit <= index:
                 break
@@ -217,5 +245,10 @@ class SFTAlgorithm(TrainingLoop):
     def batch_tokens(self, batch) -> int:
         return int(batch[2][1].item())
 
-    def loss(self, model, input_ids, loss_mask, counts):
-        return sft_loss(self.token_logps(model, input_ids), loss_mask[:, 1:])
+    def batch_slots(self, batch) -> int:
+        return int(batch[2][2].item())
+
+    def loss(self, model, input_ids, loss_mask, counts, position_ids=None):
+        logps = (self.token_logps(model, input_ids) if position_ids is None
+                 else self.packed_token_logps(model, input_ids, position_ids))
+        return sft_loss(logps, loss_mask[:, 1:])
