@@ -9,6 +9,7 @@ random weights (2 layers, hidden 64) and SmolLM2's real tokenizer, saved as HF d
 
 import os
 import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -100,7 +101,15 @@ def _add_top_level_rope_theta(config_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_hf_dir):
+def tiny_tokenizer_dir(request):
+    """The tiny models' tokenizer: SmolLM2's, from the embedded model; on a GPU host without that
+    package, the tokenizer directory named by MACFT_TEST_TOKENIZER (`pytest -m gpu` there)."""
+    override = os.environ.get("MACFT_TEST_TOKENIZER")
+    return Path(override) if override else request.getfixturevalue("smollm2_hf_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
     """Factory: tiny_model_dir("qwen2") -> path of an HF dir with random weights (seeded)."""
     made = {}
 
@@ -110,7 +119,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_hf_dir):
         import torch
         import transformers
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
         config = _tiny_config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -118,8 +127,8 @@ def tiny_model_dir(tmp_path_factory, smollm2_hf_dir):
         model.save_pretrained(path, safe_serialization=True)
         _add_top_level_rope_theta(path / "config.json")
         for name in _TOKENIZER_FILES:
-            if (smollm2_hf_dir / name).exists() and not (path / name).exists():
-                shutil.copy(smollm2_hf_dir / name, path / name)
+            if (tiny_tokenizer_dir / name).exists() and not (path / name).exists():
+                shutil.copy(tiny_tokenizer_dir / name, path / name)
         made[arch] = path
         return path
 

@@ -92,8 +92,11 @@ def check_packed_equals_unpacked(model, device):
         losses.append(loss.item())
     assert abs(losses[0] - losses[1]) < 1e-5
     assert max(g.abs().max().item() for g in gradients[0]) > 1e-3
+    # On CUDA the unpacked batch (causal) and the packed one (a block mask) run different SDPA kernels,
+    # whose float32 backward differs by ~1e-4 on gradients of ~1e-2 (measured on an H200).
+    tolerance = 1e-5 if device.type == "cpu" else 5e-4
     for g_unpacked, g_packed in zip(*gradients):
-        assert (g_unpacked - g_packed).abs().max().item() < 1e-5
+        assert (g_unpacked - g_packed).abs().max().item() < tolerance
 
 
 ROWS = [{"prompt": f"Question {i}: " + "words " * (2 + (i * 7) % 23), "completion": f" answer {i % 5}."}
