@@ -313,6 +313,9 @@ class SFTConfig(TrainingConfig):
             raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
 
 
+SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
+
+
 @dataclass
 class PreferenceConfig(TrainingConfig):
     """What the offline preference trainers share (prompt / chosen / rejected data)."""
@@ -325,6 +328,17 @@ class PreferenceConfig(TrainingConfig):
     max_prompt_length: int | None = 512  # not a TRL 1.16 field (older TRL's): prompts keep their last tokens
     reference_model_path: str | None = None  # default: the policy as it starts (adapters off, or its trained adapter)
     precompute_ref_log_probs: bool = False
+    # transformers' sampler: "random", "sequential" (data order) or "group_by_length" (batches of
+    # similar lengths, less padding; transformers 4's group_by_length=True asks for it too).
+    train_sampling_strategy: str = "random"
+
+    def __post_init__(self):
+        if self.__dict__.get("other_settings", {}).pop("group_by_length", False):
+            self.train_sampling_strategy = "group_by_length"
+        super().__post_init__()
+        if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
+            raise ConfigError(f"train_sampling_strategy={self.train_sampling_strategy!r}: expected one of "
+                              f"{', '.join(SAMPLING_STRATEGIES)}")
 
 
 @dataclass

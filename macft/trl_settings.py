@@ -178,7 +178,9 @@ LEGACY_SETTINGS = {"logging_dir": None, "save_safetensors": True, "no_cuda": Fal
                    "push_to_hub_model_id": None, "push_to_hub_organization": None, "evaluation_strategy": "no",
                    "use_legacy_prediction_loop": False, "model_init_kwargs": None,
                    # mlx-tune's SFTConfig: the LoRA layer count is get_peft_model's; its own trainer switch.
-                   "num_layers": None, "use_native_training": None}
+                   "num_layers": None, "use_native_training": None,
+                   # transformers 4's switch for train_sampling_strategy="group_by_length"
+                   "group_by_length": False}
 # Renamed settings: the old name sets the new one.
 RENAMED_SETTINGS = {"evaluation_strategy": "eval_strategy",
                     # mlx-tune's (mlx-lm's) names

@@ -31,6 +31,9 @@ INTENDED_DIFFERENCES = {
     "assistant_only_loss": "macft trains on assistant tokens by default (DESIGN section 5); set False for TRL's "
                            "whole-conversation loss",
     "bf16": "not a macft field (the model's dtype decides)",
+    "train_sampling_strategy": "KTOConfig: TRL's 'sequential' keeps its precomputed KL completions aligned; macft's KTO "
+                               "pairs them within each batch, so it shuffles ('random') as the other preference "
+                               "trainers do ('sequential' given is honoured)",
 }
 
 

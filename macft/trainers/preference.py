@@ -49,11 +49,34 @@ def pad_rows(rows, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return input_ids, completion_mask[:, 1:]
 
 
-def batch_indices(num_examples: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True):
-    """The example indices of each batch of one epoch; the order depends only on (seed, epoch)."""
-    order = np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples) if shuffle \
-        else np.arange(num_examples)
+def batch_indices(num_examples: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
+                  lengths=None):
+    """The example indices of each batch of one epoch; the order depends only on (seed, epoch).
+    With ``lengths`` (per example), batches of similar lengths (``length_grouped_order``)."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    if lengths is not None:
+        order = length_grouped_order(lengths, batch_size, rng)
+    else:
+        order = rng.permutation(num_examples) if shuffle else np.arange(num_examples)
     return [order[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+
+
+MEGA_BATCHES = 50  # batches per length-sorted group, as transformers' LengthGroupedSampler
+
+
+def length_grouped_order(lengths, batch_size: int, rng) -> np.ndarray:
+    """transformers' ``train_sampling_strategy="group_by_length"``: a random order cut into groups of
+    up to 50 batches (fewer on small data: a quarter of the batches), each sorted longest first, so
+    a batch pads to lengths close to its own; the group holding the longest example goes first, so
+    a batch that does not fit in memory fails at the first step, not hours in."""
+    lengths = np.asarray(lengths)
+    order = rng.permutation(len(lengths))
+    group = batch_size * max(1, min(len(lengths) // (batch_size * 4), MEGA_BATCHES))
+    groups = [order[i:i + group] for i in range(0, len(order), group)]
+    groups = [g[np.argsort(-lengths[g], kind="stable")] for g in groups]
+    longest = int(np.argmax([lengths[g[0]] for g in groups]))
+    groups.insert(0, groups.pop(longest))
+    return np.concatenate(groups)
 
 
 def check_loss_type(loss_type, known, algorithm: str):
@@ -249,8 +272,11 @@ class PreferenceAlgorithm(PreferenceBackend, TrainingLoop):
         return math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
 
     def micro_batches(self, epoch: int, skip: int = 0):
+        strategy = self.args.train_sampling_strategy
+        lengths = ([max(len(p) + len(c) for p, c in self.example_rows(e)) for e in self.train_examples]
+                   if strategy == "group_by_length" else None)
         batches = batch_indices(len(self.train_examples), self.args.per_device_train_batch_size,
-                                seed=self.args.seed, epoch=epoch)
+                                seed=self.args.seed, epoch=epoch, shuffle=strategy != "sequential", lengths=lengths)
         for index, indices in enumerate(itertools.islice(batches, skip, None), start=skip):
             if not self.owns_micro_batch(index):  # another rank's (its reference log-probs are made there)
                 yield None
