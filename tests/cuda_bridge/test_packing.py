@@ -13,20 +13,10 @@ import cuda_bridge
 from algorithms.sft import sft_loss
 from cuda_bridge.logps import sequence_logps
 from cuda_bridge.model import add_adapters, load_pretrained
-from macft.data import Example, iterate_batches
+from macft.data import iterate_batches
 from macft.packing import iterate_packed_batches, pack_examples
+from tests.ragged_samples import LENGTHS, ragged_examples
 
-LENGTHS = (5, 23, 9, 17, 30, 3, 12, 26, 8, 14)
-
-
-def ragged_examples(vocab_size: int, seed: int = 0) -> list[Example]:
-    rng = np.random.default_rng(seed)
-    examples = []
-    for n in LENGTHS:
-        ids = rng.integers(3, vocab_size, size=n).tolist()
-        prompt = int(rng.integers(1, max(2, n // 2)))
-        examples.append(Example(ids, [0] * prompt + [1] * (n - prompt)))
-    return examples
 
 
 def lora_model(base):

@@ -12,24 +12,13 @@ from mlx.utils import tree_flatten
 
 from algorithms.sft import sft_loss
 from macft import FastLanguageModel, SFTConfig, SFTTrainer
-from macft.data import Example, iterate_batches
+from macft.data import iterate_batches
 from macft.errors import TrainingError
 from macft.mlx.logps import token_logps
 from macft.mlx.packed import block_causal_mask, packed_token_logps
 from macft.packing import iterate_packed_batches, pack_examples
+from tests.ragged_samples import LENGTHS, ragged_examples
 
-LENGTHS = (5, 23, 9, 17, 30, 3, 12, 26, 8, 14)
-
-
-def ragged_examples(vocab_size: int, seed: int = 0) -> list[Example]:
-    """Random samples of uneven lengths, each with a prompt (no loss) and a completion (loss)."""
-    rng = np.random.default_rng(seed)
-    examples = []
-    for n in LENGTHS:
-        ids = rng.integers(3, vocab_size, size=n).tolist()
-        prompt = int(rng.integers(1, max(2, n // 2)))
-        examples.append(Example(ids, [0] * prompt + [1] * (n - prompt)))
-    return examples
 
 
 def model_of(tiny_model_dir, arch):
