@@ -3,11 +3,23 @@
 The prompts are left-padded and prefilled once; the KV cache is then repeated ``num_samples``
 times along the batch, so a group of G completions shares one prompt prefill, and every
 sequence of every group decodes together, one token per step, until all have stopped.
+
+Decoding runs as one compiled function per step over fixed-size buffers (``macft.mlx.static_cache``):
+on a GPU a small model's eager step waits on the host rebuilding its graph in Python. Models whose
+attention does not fit decode eagerly, as does everything with ``MACFT_COMPILED_DECODE=0``.
 """
+
+import os
+import warnings
 
 import mlx.core as mx
 
+from macft.mlx import static_cache
 from macft.rollout import Rollout, rollout_from_rows
+
+# mlx-lm model types whose attention uses a cache only through offset, update_and_fetch and the
+# mask of create_attention_mask (tests/mlx/test_static_decode.py checks them against eager decoding).
+COMPILED_DECODE_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 
 
 def sample_completions(model, prompts: list[list[int]], *, num_samples: int = 1, max_tokens: int = 256,
@@ -48,22 +60,86 @@ def sample_completions(model, prompts: list[list[int]], *, num_samples: int = 1,
             token = mx.where(finished, pad_id, token)
             return token, finished | (token[:, None] == eos[None, :]).any(axis=1)
 
-        # One step stays queued ahead of the host: step t+1 is built and sent to the device before
-        # the host waits on step t's "all finished?", so the device never idles on Python.
+        def eager_step(token, finished):
+            return next_token(model(token[:, None], cache=cache)[:, -1, :], finished)
+
         token, finished = next_token(logits, mx.zeros((logits.shape[0],), dtype=mx.bool_))
         mx.async_eval(token, finished)
-        steps = [token]
-        while len(steps) < max_tokens:
-            logits = model(token[:, None], cache=cache)[:, -1, :]
-            queued, queued_finished = next_token(logits, finished)
-            mx.async_eval(queued, queued_finished)
-            if finished.all().item():
-                break  # the queued step only holds padding
-            token, finished = queued, queued_finished
-            steps.append(token)
+        step = None
+        if max_tokens > 1 and compiled_decode_applies(model):
+            step = _compiled_step(model, next_token, cache, token, finished,
+                                  capacity=static_cache.capacity_for(width, max_tokens))
+            if step is not None:
+                cache.clear()  # the fixed buffers hold the prompts now
+        steps = _decode(step or eager_step, token, finished, max_tokens)
     finally:
         model.train(was_training)
     return _rollout(mx.stack(steps, axis=1).tolist(), set(eos_token_ids), num_samples, len(prompts))
+
+
+def _decode(step, token, finished, max_tokens: int) -> list:
+    """Run ``step`` until every row has finished or ``max_tokens`` tokens were sampled.
+
+    One step stays queued ahead of the host: step t+1 is built and sent to the device before the
+    host waits on step t's "all finished?", so the device never idles on Python."""
+    steps = [token]
+    while len(steps) < max_tokens:
+        queued, queued_finished = step(token, finished)
+        mx.async_eval(queued, queued_finished)
+        if finished.all().item():
+            break  # the queued step only holds padding
+        token, finished = queued, queued_finished
+        steps.append(token)
+    return steps
+
+
+def compiled_decode_applies(model) -> bool:
+    """Whether to decode with one compiled step (``MACFT_COMPILED_DECODE=0``: never)."""
+    if os.environ.get("MACFT_COMPILED_DECODE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return getattr(model, "model_type", None) in COMPILED_DECODE_TYPES
+
+
+def _compiled_step(model, next_token, batch_caches, token, finished, *, capacity: int):
+    """``(token, finished) -> (next token, finished)`` for this rollout, one compiled function per
+    step over fixed buffers copied from the prefilled ``batch_caches``; None (and a warning) when
+    the model cannot be traced so, with ``batch_caches`` and the random state as they were, for the
+    eager steps.
+
+    The function is compiled anew for every rollout: it holds the model's weights as constants
+    (cheaper per step than passing a few hundred arrays in), and training changes them between
+    rollouts."""
+    mx.eval(model.parameters())  # weights still lazy would be recomputed inside every step
+    arrays, position, left_padding = static_cache.from_prefill(batch_caches, capacity)
+
+    def step(token, finished, position, *arrays):
+        logits, arrays = static_cache.forward(model, token[:, None], position, left_padding, list(arrays))
+        token, finished = next_token(logits, finished)
+        return (token, finished, position + 1, *arrays)
+
+    compiled = mx.compile(step, inputs=mx.random.state, outputs=mx.random.state)
+    state = [position, *arrays]
+    del arrays, position  # the buffers' only holder is ``state``, so each step's writes reuse them in place
+    key = mx.random.state[0]
+    try:
+        # The first step traces the model: one that does not fit fails here, before the rollout
+        # depends on it. The step is queued, not waited for.
+        pending = [compiled(token, finished, *state)]
+    except Exception as e:  # noqa: BLE001 (any failure to trace means: decode eagerly)
+        warnings.warn(f"compiled decoding does not fit this model ({type(e).__name__}: {e}); decoding "
+                      f"step by step", stacklevel=3)
+        # A failed trace leaves a placeholder as the global random key. A key is two uint32 words,
+        # and seeding with their 64 bits sets exactly that key again.
+        high, low = key.tolist()
+        mx.random.seed((high << 32) | low)
+        return None
+
+    def advance(token, finished):
+        # Its first call is for the (token, finished) above, already made.
+        token, finished, *state[:] = pending.pop() if pending else compiled(token, finished, *state)
+        return token, finished
+
+    return advance
 
 
 def has_plain_kv_cache(model) -> bool:
