@@ -23,6 +23,11 @@ def _generate(model, inputs=None, **kwargs):
     return hf_generate(model, inputs, **kwargs)
 
 
+def _enable_offloaded_checkpointing(model):
+    # On a CPU model this is plain checkpointing (lora.enable_gradient_checkpointing says why).
+    return core.enable_gradient_checkpointing(model, offload=True)
+
+
 def _lora_applied(model, adapter_dir):
     from cuda_bridge.generate import lora_applied
 
@@ -37,4 +42,5 @@ class FastLanguageModel(FastLanguageModelBase):
         load_adapter=core.load_adapter, save_merged=core.save_merged, save_gguf=_save_gguf,
         generate_text=_generate_text, generate=_generate, lora_applied=_lora_applied,
         trainable_parameter_count=core.trainable_parameter_count,
-        parameter_count=lambda model: sum(p.numel() for p in model.parameters()))
+        parameter_count=lambda model: sum(p.numel() for p in model.parameters()),
+        enable_offloaded_checkpointing=_enable_offloaded_checkpointing)

@@ -202,16 +202,31 @@ def _wrap_paths(model, ranks: dict, use_dora: bool, dropout: float, random_state
         setattr(parent, leaf, LoRALinear(base, r, scale, dropout, use_dora=use_dora, generator=generator))
 
 
-def enable_gradient_checkpointing(model):
+def enable_gradient_checkpointing(model, offload: bool = False):
     """Recompute each transformer block in the backward pass (HF's per-model checkpointing,
-    non-reentrant so that a frozen base with trainable adapters gets its gradients)."""
+    non-reentrant so that a frozen base with trainable adapters gets its gradients).
+
+    ``offload``: on a CUDA model, also keep each block's input, the one activation a checkpointed
+    block holds until its backward, in pinned host memory meanwhile, copied out and back on a side
+    stream (``cuda_bridge.offload``; Unsloth's ``use_gradient_checkpointing="unsloth"``): the peak
+    drops by up to (L - 1) x B x T x hidden x 2 bytes, the gradients are the same bit for bit.
+    Elsewhere there is no device memory to free: plain checkpointing, no error.
+    """
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if offload and _on_gpu(model):
+        from cuda_bridge.offload import offload_checkpointed_inputs
+
+        offload_checkpointed_inputs(model)
     model.macft.gradient_checkpointing = True
     return model
+
+
+def _on_gpu(model) -> bool:
+    return _device_of(model).type == "cuda"
 
 
 def trainable_parameter_count(model) -> int:

@@ -47,6 +47,10 @@ def bench_sft(
     num_layers: int = typer.Option(-1, "--num-layers"),
     load_in_4bit: bool = typer.Option(False, "--load-in-4bit"),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint"),
+    offload_checkpoints: bool = typer.Option(
+        False, "--offload-checkpoints", help="With --grad-checkpoint on the cuda backend: keep each block's input in "
+                                             "pinned host memory until its backward (use_gradient_checkpointing="
+                                             "'unsloth')."),
     backend: str = typer.Option(None, "--backend", help="mlx or cuda (default: this machine's)."),
     model_shape: str = MODEL_SHAPE_OPTION,
     tokenizer_dir: str = TOKENIZER_OPTION,
@@ -61,8 +65,16 @@ def bench_sft(
                                          help="With --data: run unpacked, then packed, and print them side by side."),
 ):
     """LoRA SFT step throughput (tokens/s) and peak memory."""
+    if offload_checkpoints and not grad_checkpoint:
+        raise typer.BadParameter("--offload-checkpoints offloads what gradient checkpointing keeps: add "
+                                 "--grad-checkpoint")
     use_backend(backend)
     from macft.backend import current
+
+    if offload_checkpoints and current() != "cuda":
+        raise typer.BadParameter("--offload-checkpoints is for the cuda backend: add --backend cuda")
+    # What get_peft_model's use_gradient_checkpointing takes: "unsloth" asks for the offloaded mode.
+    checkpointing = "unsloth" if offload_checkpoints else grad_checkpoint
 
     if model and model_shape:
         raise typer.BadParameter("give --model or --model-shape, not both")
@@ -73,7 +85,7 @@ def bench_sft(
         if hf_peer or peer_python:
             raise typer.BadParameter("--data runs macft only: drop --hf-peer / --peer-python")
         return _bench_sft_data(data, model, model_shape, tokenizer_dir, batch_size, seq_len, steps, warmup, lora_rank,
-                               num_layers, load_in_4bit, grad_checkpoint, current(),
+                               num_layers, load_in_4bit, checkpointing, current(),
                                [False, True] if compare_packing else [packing], json_out)
     hf_peer = current() == "cuda" if hf_peer is None else hf_peer
     if hf_peer and current() != "cuda":
@@ -81,7 +93,8 @@ def bench_sft(
     results = {"settings": {"model": model or model_shape or "SmolLM2-135M-Instruct (embedded)",
                             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
                             "lora_rank": lora_rank, "num_layers": num_layers, "load_in_4bit": load_in_4bit,
-                            "grad_checkpoint": grad_checkpoint, "backend": current()}}
+                            "grad_checkpoint": grad_checkpoint, "offload_checkpoints": offload_checkpoints,
+                            "backend": current()}}
     with tempfile.TemporaryDirectory(prefix="macft-bench-") as tmp:
         tmp = Path(tmp)
         if model_shape:
@@ -89,7 +102,7 @@ def bench_sft(
 
             model = str(build_shape_dir(model_shape, tmp / "model", tokenizer_dir=tokenizer_dir))
         ours = run_macft_sft(model, tmp, batch_size, seq_len, steps, warmup, lora_rank, num_layers, load_in_4bit,
-                             grad_checkpoint)
+                             checkpointing)
         results["macft"] = ours
         _print_result("macft", ours)
         if hf_peer:
@@ -143,7 +156,8 @@ def _bench_sft_data(data, model, model_shape, tokenizer_dir, batch_size, seq_len
     results = {"settings": {"model": model or model_shape or "SmolLM2-135M-Instruct (embedded)", "data": data,
                             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
                             "lora_rank": lora_rank, "num_layers": num_layers, "load_in_4bit": load_in_4bit,
-                            "grad_checkpoint": grad_checkpoint, "backend": backend}}
+                            "grad_checkpoint": bool(grad_checkpoint),
+                            "offload_checkpoints": grad_checkpoint == "unsloth", "backend": backend}}
     with tempfile.TemporaryDirectory(prefix="macft-bench-") as tmp:
         tmp = Path(tmp)
         if model_shape:
@@ -175,8 +189,9 @@ def _bench_sft_data(data, model, model_shape, tokenizer_dir, batch_size, seq_len
 def run_macft_sft(model_name, workdir: Path, batch_size, seq_len, steps, warmup, lora_rank, num_layers, load_in_4bit,
                   grad_checkpoint, rows=None, packing=False) -> dict:
     """Train ``steps + warmup`` LoRA steps and measure the last ``steps``: real (non-pad) tokens over
-    step time. ``rows``: SFT rows to train on (default: fixed-length texts of ``seq_len`` tokens,
-    every token a target); ``packing``: pack them into rows of ``seq_len``."""
+    step time. ``grad_checkpoint``: get_peft_model's use_gradient_checkpointing (True, False, or
+    "unsloth": offloaded on the cuda backend). ``rows``: SFT rows to train on (default: fixed-length
+    texts of ``seq_len`` tokens, every token a target); ``packing``: pack them into rows of ``seq_len``."""
     from macft import FastLanguageModel, SFTConfig, SFTTrainer
 
     llm, tokenizer = FastLanguageModel.from_pretrained(model_name, max_seq_length=seq_len, load_in_4bit=load_in_4bit)

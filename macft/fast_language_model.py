@@ -27,6 +27,8 @@ class Backend:
     parameter_count: Callable
     generate: Callable | None = None  # HF's model.generate(**inputs, ...) (macft.hf_generate)
     lora_applied: Callable | None = None  # (model, adapter dir or None) -> context with that adapter / none
+    # use_gradient_checkpointing="unsloth": checkpointing with the blocks' inputs offloaded to the host
+    enable_offloaded_checkpointing: Callable | None = None
 
 
 class ModelMethods:
@@ -235,8 +237,12 @@ class FastLanguageModelBase:
                        bias: str = "none", use_gradient_checkpointing=True, random_state: int = 3407,
                        use_rslora: bool = False, use_dora: bool = False, num_layers: int | None = None,
                        layers_to_transform=None, max_seq_length=None, loftq_config=None, **kwargs):
-        """Add LoRA (or DoRA) adapters; only they train. ``use_gradient_checkpointing`` may be
-        True, False or "unsloth" (same as True here)."""
+        """Add LoRA (or DoRA) adapters; only they train. ``use_gradient_checkpointing``: True
+        recomputes each block in the backward; "unsloth" (as in Unsloth) does too and, on the bridge
+        with a GPU, keeps each block's input in pinned host memory until its backward (a lower peak,
+        the same gradients; cuda_bridge.offload), elsewhere the same as True; False keeps every
+        activation. True stays plain recomputation: offloading holds that much pinned host memory
+        and moves it over PCIe each step, which is worth it when GPU memory is what limits."""
         cls._warn_ignored(kwargs, "get_peft_model")
         if bias != "none":
             raise ValueError(f"bias={bias!r}: only bias='none' is supported")
@@ -251,7 +257,9 @@ class FastLanguageModelBase:
         cls.backend.add_adapters(model, r=r, target_modules=target_modules, lora_alpha=lora_alpha,
                                  lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
                                  num_layers=num_layers, random_state=random_state)
-        if use_gradient_checkpointing:
+        if use_gradient_checkpointing == "unsloth" and cls.backend.enable_offloaded_checkpointing is not None:
+            cls.backend.enable_offloaded_checkpointing(model)
+        elif use_gradient_checkpointing:
             cls.backend.enable_gradient_checkpointing(model)
         if max_seq_length:
             model.macft.max_seq_length = max_seq_length
