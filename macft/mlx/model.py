@@ -8,6 +8,7 @@ PEFT can read too.
 """
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -81,10 +82,10 @@ def load_pretrained(
     if (load_in_4bit or load_in_8bit) and "quantization" not in config:
         bits = 4 if load_in_4bit else 8
         model, config = quantize_model(model, config, group_size=quantization_group_size, bits=bits)
-    if mx.default_device() == mx.cpu:
-        from macft.mlx.quantized import use_cpu_quantized_layers
+    if os.environ.get("MACFT_DEQUANTIZE", "1") != "0":
+        from macft.mlx.quantized import use_dequantizing_layers
 
-        use_cpu_quantized_layers(model)
+        use_dequantizing_layers(model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,52 +1,88 @@
-"""Quantized linear layers that are fast on MLX's CPU backend too.
+"""Quantized linear layers for training: dequantize for a large matmul, never keep the result.
 
-On the CPU, MLX's quantized matmul is plain scalar code: for a 576x1536 4-bit weight it takes
-~430 ms on 512 rows where dequantizing the weight (~4 ms) and calling BLAS takes ~50 ms. So on the
-CPU, a layer fed more than a few rows dequantizes its weight and multiplies in float; single-token
-decoding keeps the quantized kernel. The weights stay 4/8-bit in memory and on disk, and the
-layer keeps QuantizedLinear's parameters, so adapters and checkpoints are unchanged.
+A training step multiplies thousands of rows by each frozen 4/8-bit weight. MLX's quantized
+matmul is built for few rows (decoding). On the CPU it is plain scalar code: a 576x1536 4-bit
+weight on 512 rows takes ~430 ms, where dequantizing (~4 ms) and calling BLAS takes ~50 ms. On
+MLX's CUDA backend a 4-bit LoRA step of a 1B model ran at half the speed of the bf16 one (17.9k
+against 37.0k tokens/s on an H200), while dequantizing its weights twice a step moves ~10 GB, a
+few milliseconds at that GPU's bandwidth. So there, a layer fed at least
+``min_rows_to_dequantize()`` rows dequantizes its weight and multiplies densely, and decoding keeps
+the quantized kernel. On Apple GPUs MLX's quantized kernel stays in use: it is tiled for many rows
+there, and dequantizing would only add memory traffic. (``scripts/profile_mlx_step.py`` times both
+ways on a device; ``MACFT_DEQUANTIZE=0`` keeps the quantized kernel everywhere.)
+
+The dense weight lives only for the call: the backward pass dequantizes it again
+(``_dequantized_matmul``) instead of holding every layer's dense weight until the gradient is
+taken, which would cost as much memory as an unquantized model. The weights stay 4/8-bit in
+memory and on disk, and the layers keep QuantizedLinear's parameters, so adapters and
+checkpoints are unchanged.
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 
-# Below this many rows the quantized kernel wins (measured on 2 x86 cores).
-MIN_ROWS_TO_DEQUANTIZE = 4
+# Fewer rows than this and the quantized kernel is kept; None: always kept. CPU: measured on 2 x86
+# cores. CUDA: decoding batches (tens of rows) keep the kernel built for them, training batches
+# (thousands) dequantize; the crossing point itself is not measured yet.
+MIN_ROWS_TO_DEQUANTIZE = {"cpu": 4, "cuda": 256, "metal": None}
 
 
-class CPUQuantizedLinear(nn.QuantizedLinear):
+def min_rows_to_dequantize() -> float:
+    if mx.default_device() == mx.cpu:
+        rows = MIN_ROWS_TO_DEQUANTIZE["cpu"]
+    else:
+        rows = MIN_ROWS_TO_DEQUANTIZE["cuda" if mx.cuda.is_available() else "metal"]
+    return float("inf") if rows is None else rows
+
+
+def _dequantized_matmul(x, layer):
+    """x @ W.T for the quantized weight W of ``layer``, W dequantized in the forward and again in
+    the backward. W is frozen: the gradient flows to x only."""
+    def dense_weight(after):
+        # Tied to ``after`` so that MLX dequantizes right before the matmul: left free, the weight
+        # depends on nothing computed and every layer's copy could be made at the start of a pass.
+        weight = mx.depends(layer.weight, after)
+        return mx.dequantize(weight, layer.scales, layer.get("biases"), group_size=layer.group_size,
+                             bits=layer.bits, mode=layer.mode).astype(x.dtype)
+
+    @mx.custom_function
+    def matmul(x):
+        return x @ dense_weight(x).T
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        return (cotangent @ dense_weight(cotangent),)
+
+    return matmul(x)
+
+
+class DequantizingLinear(nn.QuantizedLinear):
     def __call__(self, x):
-        rows = x.size // x.shape[-1]
-        if rows < MIN_ROWS_TO_DEQUANTIZE:
+        if x.size // x.shape[-1] < min_rows_to_dequantize():
             return super().__call__(x)
-        weight = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size,
-                               bits=self.bits, mode=self.mode).astype(x.dtype)
-        y = x @ weight.T
+        y = _dequantized_matmul(x, self)
         if "bias" in self:
             y = y + self.bias
         return y
 
 
-class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
-    """A quantized embedding whose ``as_linear`` (the tied output head) dequantizes on the CPU:
+class DequantizingEmbedding(nn.QuantizedEmbedding):
+    """A quantized embedding whose ``as_linear`` (the tied output head) dequantizes the same way:
     the head is the largest matmul of a small model (49152 x 576 for SmolLM2)."""
 
     def as_linear(self, x):
-        rows = x.size // x.shape[-1]
-        if rows < MIN_ROWS_TO_DEQUANTIZE:
+        if x.size // x.shape[-1] < min_rows_to_dequantize():
             return super().as_linear(x)
-        weight = mx.dequantize(self.weight, self.scales, self.get("biases"), group_size=self.group_size,
-                               bits=self.bits, mode=self.mode).astype(x.dtype)
-        return x @ weight.T
+        return _dequantized_matmul(x, self)
 
 
-def use_cpu_quantized_layers(model):
-    """Switch this model's affine quantized layers to the CPU-friendly versions (in place)."""
+def use_dequantizing_layers(model):
+    """Switch this model's affine quantized layers to the dequantizing versions (in place)."""
     for _, module in model.named_modules():
         if getattr(module, "mode", "affine") != "affine":
             continue
         if type(module) is nn.QuantizedLinear:
-            module.__class__ = CPUQuantizedLinear
+            module.__class__ = DequantizingLinear
         elif type(module) is nn.QuantizedEmbedding:
-            module.__class__ = CPUQuantizedEmbedding
+            module.__class__ = DequantizingEmbedding
     return model

@@ -4,9 +4,10 @@ The prompts are left-padded and prefilled once; the KV cache is then repeated ``
 times along the batch, so a group of G completions shares one prompt prefill, and every
 sequence of every group decodes together, one token per step, until all have stopped.
 
-Decoding runs as one compiled function per step over fixed-size buffers (``macft.mlx.static_cache``):
-on a GPU a small model's eager step waits on the host rebuilding its graph in Python. Models whose
-attention does not fit decode eagerly, as does everything with ``MACFT_COMPILED_DECODE=0``.
+On a GPU, decoding runs as one compiled function per step over fixed-size buffers
+(``macft.mlx.static_cache``): a small model's eager step waits on the host rebuilding its graph in
+Python. Models whose attention does not fit decode eagerly, as does the CPU by default
+(``compiled_decode_applies``).
 """
 
 import os
@@ -94,8 +95,14 @@ def _decode(step, token, finished, max_tokens: int) -> list:
 
 
 def compiled_decode_applies(model) -> bool:
-    """Whether to decode with one compiled step (``MACFT_COMPILED_DECODE=0``: never)."""
-    if os.environ.get("MACFT_COMPILED_DECODE", "1").strip().lower() in ("0", "false", "no", "off"):
+    """Whether to decode with one compiled step: by default where MLX runs on a GPU, whose eager
+    step waits on the host. On the CPU the arithmetic is the bottleneck and the fixed buffers only
+    add attention over empty slots (a SmolLM2 rollout of 16 x 64 tokens: 0.50 steps/s compiled, 0.53
+    eager). ``MACFT_COMPILED_DECODE=1`` / ``0`` asks for one or the other anywhere."""
+    wanted = os.environ.get("MACFT_COMPILED_DECODE", "").strip().lower()
+    if wanted in ("0", "false", "no", "off"):
+        return False
+    if wanted not in ("1", "true", "yes", "on") and mx.default_device() == mx.cpu:
         return False
     return getattr(model, "model_type", None) in COMPILED_DECODE_TYPES
 

@@ -23,6 +23,7 @@ from mlx_lm.tuner.lora import LoRALinear
 
 from macft.distributed import SINGLE_PROCESS, World, fsdp_enabled
 from macft.errors import TrainingError
+from macft.mlx.lean_backward import keep_less_for_backward
 from macft.mlx.logps import token_logps as sequence_logps  # noqa: F401  (the trainers' import name)
 from macft.training import TrainingLoop, TrainingWarning
 
@@ -112,6 +113,7 @@ class Trainer(TrainingLoop):
             raise TrainingError("the model has no trainable parameters: call FastLanguageModel.get_peft_model "
                                 "first, or load with full_finetuning=True")
         use_input_dtype_lora(self.model)
+        keep_less_for_backward(self.model)
         self.model.train()
         self.optimizer = self.make_optimizer()
         self.optimizer.init(self.model.trainable_parameters())

@@ -155,9 +155,11 @@ def test_a_model_that_cannot_be_traced_decodes_eagerly(tiny_model_dir, monkeypat
     assert fallback == eager
 
 
-def test_compiled_decoding_is_for_known_model_types_unless_turned_off(tiny_model_dir, monkeypatch):
+def test_compiled_decoding_is_for_known_model_types_on_a_gpu_unless_turned_off(tiny_model_dir, monkeypatch):
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
     monkeypatch.delenv("MACFT_COMPILED_DECODE", raising=False)
+    assert sampling.compiled_decode_applies(model) == (mx.default_device() != mx.cpu)
+    monkeypatch.setenv("MACFT_COMPILED_DECODE", "1")
     assert sampling.compiled_decode_applies(model)
     monkeypatch.setenv("MACFT_COMPILED_DECODE", "0")
     assert not sampling.compiled_decode_applies(model)

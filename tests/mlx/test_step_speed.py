@@ -58,6 +58,47 @@ def test_chunked_head_equals_full_logits_in_value_and_gradient(tiny_model_dir, m
         assert mx.allclose(a, b, rtol=1e-4, atol=1e-6).item(), name
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_kept_logits_head_equals_full_logits_and_holds_less(tiny_model_dir, temperature):
+    """Small logits are kept, their gradient made a chunk at a time (here 30 tokens of 120): the same
+    values and gradients as the plain log-softmax, and a lower peak than autodiff's whole softmax
+    and logit gradient."""
+    from macft.mlx.logps import kept_logits_head_logps
+
+    model, _ = lora_model(tiny_model_dir("llama"))
+    head = output_head(model)
+    vocabulary = model.args.vocab_size
+    hidden = mx.random.normal((120, model.args.hidden_size), key=mx.random.key(4))
+    targets = mx.random.randint(0, vocabulary, (120,), key=mx.random.key(5))
+    weights = mx.random.uniform(shape=(120,), key=mx.random.key(6))
+
+    def kept(hidden):
+        return (kept_logits_head_logps(head, hidden, targets, temperature=temperature,
+                                       chunk_bytes=30 * vocabulary * 4) * weights).sum()
+
+    def plain(hidden):
+        logits = head(hidden).astype(mx.float32) / temperature
+        logps = mx.take_along_axis(nn.log_softmax(logits, axis=-1), targets[:, None], axis=-1).squeeze(-1)
+        return (logps * weights).sum()
+
+    def value_grad_peak(loss):
+        run = mx.value_and_grad(loss)
+        mx.eval(run(hidden))
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        value, grad = run(hidden)
+        mx.eval(value, grad)
+        return value.item(), grad, mx.get_peak_memory() - before
+
+    value, grad, peak = value_grad_peak(kept)
+    expected_value, expected_grad, expected_peak = value_grad_peak(plain)
+    assert value == pytest.approx(expected_value, rel=1e-5)
+    assert mx.abs(expected_grad).max().item() > 0
+    assert mx.allclose(grad, expected_grad, rtol=1e-4, atol=1e-6).item()
+    logits_bytes = 120 * vocabulary * 4
+    assert peak < expected_peak - logits_bytes, (peak, expected_peak, logits_bytes)
+
+
 def test_a_trained_head_takes_the_full_logits_path(tiny_model_dir):
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=True)
     assert output_head(model) is None  # its gradient must flow, so it is not chunked

@@ -1,0 +1,70 @@
+"""The dequantizing quantized layers (macft.mlx.quantized) against MLX's own quantized kernel."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from macft.mlx.quantized import DequantizingEmbedding, DequantizingLinear, use_dequantizing_layers
+
+
+def _stack(depth=6, width=512, bits=4, dequantize=True):
+    mx.random.seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(depth)])
+    nn.quantize(model, group_size=64, bits=bits)
+    if dequantize:
+        use_dequantizing_layers(model)
+    model.freeze()
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_output_and_input_gradient_equal_the_quantized_kernel(bits):
+    reference, ours = _stack(bits=bits, dequantize=False), _stack(bits=bits)
+    assert type(ours.layers[0]) is DequantizingLinear and type(reference.layers[0]) is nn.QuantizedLinear
+    x = mx.random.normal((64, 512))
+    for compiled in (False, True):
+        def grad_of(model):
+            fn = mx.grad(lambda x: (model(x) ** 2).sum())
+            return mx.compile(fn) if compiled else fn
+
+        np.testing.assert_allclose(np.array(ours(x)), np.array(reference(x)), rtol=1e-4, atol=1e-4)
+        expected, got = grad_of(reference)(x), grad_of(ours)(x)
+        np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-3, atol=1e-4)
+        assert float(mx.abs(got).mean()) > 0
+
+
+def test_decoding_rows_keep_the_quantized_kernel():
+    model = _stack(depth=1)
+    x = mx.random.normal((1, 512))
+    np.testing.assert_array_equal(np.array(model(x)), np.array(nn.QuantizedLinear.__call__(model.layers[0], x)))
+
+
+def test_backward_does_not_keep_every_dense_weight():
+    """The dense weight is made again in the backward, right before its matmul: the gradient's peak
+    holds a few layers' dense weights at most, not all eight (4 MB each)."""
+    x = mx.random.normal((256, 1024))
+    peaks = {}
+    for dequantize in (False, True):
+        model = _stack(depth=8, width=1024, dequantize=dequantize)
+        grad = mx.grad(lambda x: model(x).sum())
+        mx.eval(grad(x))
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(grad(x))
+        peaks[dequantize] = mx.get_peak_memory() - before
+    dense_weight = 1024 * 1024 * 4
+    assert peaks[True] < peaks[False] + 4 * dense_weight, peaks  # all eight kept: + 8 x
+
+
+def test_tied_head_dequantizes_for_many_rows():
+    mx.random.seed(1)
+    model = nn.Sequential(nn.Embedding(300, 128))
+    nn.quantize(model, group_size=64, bits=4)
+    embedding = model.layers[0]
+    x = mx.random.normal((32, 128))
+    expected = embedding.as_linear(x)
+    use_dequantizing_layers(model)
+    assert type(embedding) is DequantizingEmbedding
+    np.testing.assert_allclose(np.array(embedding.as_linear(x)), np.array(expected), rtol=1e-4, atol=1e-4)
