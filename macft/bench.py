@@ -55,8 +55,12 @@ def bench_sft(
     model_shape: str = MODEL_SHAPE_OPTION,
     tokenizer_dir: str = TOKENIZER_OPTION,
     hf_peer: bool = typer.Option(None, "--hf-peer/--no-hf-peer",
-                                 help="Also run the same steps with HF transformers + PEFT (default: on with cuda)."),
+                                 help="Also run the same steps with HF transformers + PEFT (default: on with cuda, "
+                                      "unless --load-in-4bit / --num-layers)."),
     peer_python: str = typer.Option(None, "--peer-python", help="A Python with mlx-lm-lora installed: run it too."),
+    unsloth_python: str = typer.Option(None, "--unsloth-python",
+                                       help="With --backend cuda: a Python with Unsloth installed; runs Unsloth's "
+                                            "LoRA SFT on the same model and batches in its own process."),
     json_out: str = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     data: str = typer.Option(None, "--data", help="SFT rows of real lengths (a .jsonl file or directory), or "
                                                   "'alpaca-like' for generated Alpaca-like lengths; cut at --seq-len."),
@@ -82,14 +86,18 @@ def bench_sft(
         raise typer.BadParameter("--packing and --compare-packing need --data (FILE or alpaca-like): fixed-length "
                                  "samples have nothing to pack")
     if data:
-        if hf_peer or peer_python:
-            raise typer.BadParameter("--data runs macft only: drop --hf-peer / --peer-python")
+        if hf_peer or peer_python or unsloth_python:
+            raise typer.BadParameter("--data runs macft only: drop --hf-peer / --peer-python / --unsloth-python")
         return _bench_sft_data(data, model, model_shape, tokenizer_dir, batch_size, seq_len, steps, warmup, lora_rank,
                                num_layers, load_in_4bit, checkpointing, current(),
                                [False, True] if compare_packing else [packing], json_out)
-    hf_peer = current() == "cuda" if hf_peer is None else hf_peer
+    if hf_peer is None:  # by default where it can run: plain LoRA on every layer, on the cuda backend
+        hf_peer = current() == "cuda" and not load_in_4bit and num_layers == -1
     if hf_peer and current() != "cuda":
         raise typer.BadParameter("--hf-peer compares against the cuda backend: add --backend cuda")
+    if unsloth_python and (current() != "cuda" or num_layers != -1):
+        raise typer.BadParameter("--unsloth-python compares against the cuda backend with LoRA on every layer: add "
+                                 "--backend cuda, drop --num-layers")
     results = {"settings": {"model": model or model_shape or "SmolLM2-135M-Instruct (embedded)",
                             "batch_size": batch_size, "seq_len": seq_len, "steps": steps, "warmup": warmup,
                             "lora_rank": lora_rank, "num_layers": num_layers, "load_in_4bit": load_in_4bit,
@@ -108,6 +116,9 @@ def bench_sft(
         if hf_peer:
             _run_hf_peer(results, ours, batch_size, seq_len, steps, warmup, lora_rank, num_layers, load_in_4bit,
                          grad_checkpoint)
+        if unsloth_python:
+            _run_unsloth_peer(results, ours, unsloth_python, tmp / "unsloth", batch_size, seq_len, steps, warmup,
+                              lora_rank, load_in_4bit, grad_checkpoint)
         if peer_python:
             peer = run_mlx_lm_lora_sft(peer_python, ours["model_path"], tmp / "data", tmp / "peer", batch_size,
                                        seq_len, steps + warmup, lora_rank, num_layers, load_in_4bit, grad_checkpoint)
@@ -136,14 +147,38 @@ def _run_hf_peer(results, ours, batch_size, seq_len, steps, warmup, lora_rank, n
     peer = run_hf_peft_sft(ours["model_path"], rows, batch_size, seq_len, steps, warmup, lora_rank, grad_checkpoint)
     results["hf_peft"] = peer
     _print_result("hf+peft", peer)
+    results["ratio_vs_hf_peft"] = _print_ratios("hf+peft", ours, peer)
+
+
+def _run_unsloth_peer(results, ours, unsloth_python, workdir, batch_size, seq_len, steps, warmup, lora_rank,
+                      load_in_4bit, grad_checkpoint):
+    """Unsloth on the same model directory and batches, in its own process; prints the ratios."""
+    from transformers import AutoTokenizer
+
+    from macft.bench_hf import run_unsloth_sft
+
+    tokenizer = AutoTokenizer.from_pretrained(ours["model_path"])
+    rows = [{"text": t} for t in bench_texts(tokenizer, batch_size * (steps + warmup), seq_len)]
+    peer = run_unsloth_sft(unsloth_python, ours["model_path"], rows, workdir, batch_size, seq_len, steps, warmup,
+                           lora_rank, grad_checkpoint, load_in_4bit)
+    results["unsloth"] = peer
+    if "error" in peer:
+        typer.echo(f"unsloth: {peer['error']}\n{peer.get('log_tail', '')}", err=True)
+        return
+    _print_result("unsloth", peer)
+    results["ratio_vs_unsloth"] = _print_ratios("unsloth", ours, peer)
+
+
+def _print_ratios(name, ours, peer) -> dict:
+    """macft / peer for tokens/s and peak memory, and the first step's loss difference (same
+    weights, same first batch, lora_b = 0 on both sides: the first losses must agree)."""
     ratios = {"tokens_per_sec": ours["tokens_per_sec"] / peer["tokens_per_sec"],
               "peak_memory": ours["peak_memory_gb"] / peer["peak_memory_gb"] if peer["peak_memory_gb"] else None,
-              # Same weights, same first batch and lora_b = 0 on both: the first losses must agree.
               "first_loss_difference": abs(ours["loss"][0] - peer["loss"][0])}
-    results["ratio_vs_hf_peft"] = ratios
     memory = f"{ratios['peak_memory']:.2f}x" if ratios["peak_memory"] else "n/a"
-    typer.echo(f"ratio macft / hf+peft: tokens/s {ratios['tokens_per_sec']:.2f}x, peak memory {memory}, "
+    typer.echo(f"ratio macft / {name}: tokens/s {ratios['tokens_per_sec']:.2f}x, peak memory {memory}, "
                f"first-step loss difference {ratios['first_loss_difference']:.4f}")
+    return ratios
 
 
 def _bench_sft_data(data, model, model_shape, tokenizer_dir, batch_size, seq_len, steps, warmup, lora_rank, num_layers,

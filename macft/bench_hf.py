@@ -13,7 +13,6 @@ the step users of HF + PEFT run.
 import gc
 import json
 import shutil
-import time
 from pathlib import Path
 
 # Named shapes (HF config fields). llama-3.2-1b is Llama-3.2-1B's architecture, randomly initialised.
@@ -21,6 +20,11 @@ MODEL_SHAPES = {
     "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
                          rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5, head_dim=64,
+                         hidden_act="silu"),
+    # Llama-3.1-8B's architecture (untied head), randomly initialised: 16 GB in bf16.
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
+                         rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5, head_dim=128,
                          hidden_act="silu"),
     "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=None, tie_word_embeddings=True, rope_theta=10000.0,
@@ -101,56 +105,66 @@ def run_hf_peft_sft(model_dir, rows, batch_size: int, seq_len: int, steps: int, 
     from peft import LoraConfig, get_peft_model
 
     from macft.model_files import DEFAULT_TARGET_MODULES
+    from macft.peer_loop import reset_peak_memory, train_torch_steps
     from macft.trainers.sft import batch_counts
 
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    batches = sft_batches(tokenizer, rows, batch_size, seq_len, steps + warmup)
+    batches = [(ids, mask, batch_counts(mask)[1]) for ids, mask in
+               sft_batches(tokenizer, rows, batch_size, seq_len, steps + warmup)]
     release_memory()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        from cuda_bridge.trainer import _reset_peak_rss
-
-        _reset_peak_rss()
+    reset_peak_memory()
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32,
-                                                              use_safetensors=True).to(device)
+                                                              use_safetensors=True).to("cuda" if cuda else "cpu")
     if grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                                              target_modules=list(DEFAULT_TARGET_MODULES), bias="none",
                                              task_type="CAUSAL_LM"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0, fused=cuda or None)
-    records = []
-    for input_ids, loss_mask in batches:
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-        labels = ids.masked_fill(torch.as_tensor(loss_mask, device=device) == 0, -100)
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value, norm_value = loss.item(), grad_norm.item()  # synchronizes
-        records.append({"loss": loss_value, "grad_norm": norm_value, "seconds": time.perf_counter() - started,
-                        "tokens": int(batch_counts(loss_mask)[1])})
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 1e9
-    else:
-        from cuda_bridge.trainer import _peak_rss_bytes
-
-        peak = _peak_rss_bytes() / 1e9
-    measured = records[warmup:] or records
-    result = {"tokens_per_sec": sum(r["tokens"] for r in measured) / sum(r["seconds"] for r in measured),
-              "peak_memory_gb": peak, "loss": [round(r["loss"], 4) for r in records],
-              "grad_norm": [round(r["grad_norm"], 4) for r in records],
-              "versions": {"transformers": transformers.__version__, "peft": __import__("peft").__version__,
-                           "torch": torch.__version__}}
-    del model, optimizer, params
+    result = train_torch_steps(model, batches, warmup, learning_rate=learning_rate, max_grad_norm=max_grad_norm)
+    result["versions"] = {"transformers": transformers.__version__, "peft": __import__("peft").__version__,
+                          "torch": torch.__version__}
+    del model
     release_memory()
     return result
+
+
+def run_unsloth_sft(unsloth_python, model_dir, rows, workdir: Path, batch_size: int, seq_len: int, steps: int,
+                    warmup: int, lora_rank: int, grad_checkpoint: bool, load_in_4bit: bool,
+                    learning_rate: float = 1e-4, max_grad_norm: float = 1.0) -> dict:
+    """Unsloth's LoRA SFT on our batches, run by ``unsloth_python`` in its own process
+    (``scripts/peer_unsloth_sft.py``). Returns what ``run_hf_peft_sft`` returns, or, where the peer
+    fails, ``{"error": ..., "log_tail": ...}``."""
+    import os
+    import subprocess
+
+    import numpy as np
+    import transformers
+
+    from macft.trainers.sft import batch_counts
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    batches = sft_batches(tokenizer, rows, batch_size, seq_len, steps + warmup)
+    arrays = {"count": np.array(len(batches))}
+    for i, (ids, mask) in enumerate(batches):
+        arrays.update({f"input_ids_{i}": ids, f"loss_mask_{i}": mask, f"tokens_{i}": np.array(batch_counts(mask)[1])})
+    np.savez(workdir / "batches.npz", **arrays)
+    spec = {"model": str(model_dir), "batches": str(workdir / "batches.npz"), "seq_len": seq_len, "warmup": warmup,
+            "lora_rank": lora_rank, "grad_checkpoint": grad_checkpoint, "load_in_4bit": load_in_4bit,
+            "learning_rate": learning_rate, "max_grad_norm": max_grad_norm}
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    script = Path(__file__).resolve().parent.parent / "scripts" / "peer_unsloth_sft.py"
+    release_memory()
+    try:
+        proc = subprocess.run([str(unsloth_python), str(script), str(workdir / "spec.json")], capture_output=True,
+                              text=True, timeout=max(900, 60 * (steps + warmup)),
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log = proc.stdout + proc.stderr
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": f"{unsloth_python} {script.name}: {e}", "log_tail": ""}
+    for line in reversed(log.splitlines()):
+        if line.startswith("MACFT_PEER_RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    return {"error": f"{unsloth_python} {script.name} exited with {proc.returncode} and no result", "log_tail": log[-3000:]}

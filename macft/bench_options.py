@@ -5,7 +5,7 @@ import os
 import typer
 
 MODEL_SHAPE_OPTION = typer.Option(None, "--model-shape",
-                                  help="Instead of --model, a random-init model of this shape: llama-3.2-1b or tiny.")
+                                  help="Instead of --model, a random-init model of this shape: llama-3.2-1b, llama-3.1-8b or tiny.")
 TOKENIZER_OPTION = typer.Option(None, "--tokenizer", help="With --model-shape: a directory whose tokenizer to use "
                                                            "(default: the embedded SmolLM2's).")
 

@@ -177,3 +177,27 @@ def test_bench_sft_compare_packing_on_ragged_data(tmp_path, mlx_backend):
     assert figures["packing_speedup"] == pytest.approx(packed["tokens_per_sec"] / unpacked["tokens_per_sec"])
     assert _nonzero_finite(packed["grad_norm"]) and _nonzero_finite(unpacked["grad_norm"])
     assert "packing" in result.output and "real tokens/s: unpacked" in result.output
+
+
+def test_bench_sft_cuda_backend_beside_hf_peft_and_a_missing_unsloth(tmp_path, monkeypatch):
+    """The bridge's bench beside HF + PEFT in process (same first loss: same weights and batch) and an
+    Unsloth peer whose Python lacks Unsloth: reported with its log, the other figures kept."""
+    import sys
+
+    from macft.backend import current
+
+    monkeypatch.setenv("MACFT_BACKEND", "cuda")
+    current.cache_clear()
+    out = tmp_path / "bench.json"
+    try:
+        result = CliRunner().invoke(bench_app, ["sft", "--backend", "cuda", "--model-shape", "tiny", "--batch-size", "2",
+                                                "--seq-len", "32", "--steps", "2", "--warmup", "1", "--hf-peer",
+                                                "--unsloth-python", sys.executable, "--json", str(out)])
+    finally:
+        monkeypatch.undo()
+        current.cache_clear()
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    assert results["ratio_vs_hf_peft"]["first_loss_difference"] < 1e-3
+    assert _nonzero_finite(results["macft"]["grad_norm"]) and _nonzero_finite(results["hf_peft"]["grad_norm"])
+    assert "no result" in results["unsloth"]["error"] and "unsloth" in results["unsloth"]["log_tail"].lower()
