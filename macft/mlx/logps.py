@@ -21,6 +21,8 @@ divide the float32 logits, the chunked one inside each chunk, so tempering costs
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from macft.mlx.quantized import with_one_dense_weight
+
 # Tokens per chunk of the output head: large enough that each chunk is one efficient matmul, small
 # enough that a chunk's float32 logits stay well under a GB at a 128k vocabulary.
 CHUNK_TOKENS = 1024
@@ -82,6 +84,7 @@ def next_token_logps(model, inputs: mx.array, targets: mx.array, cache=None, tem
     if not with_entropy:
         return logps
     flat = mx.stop_gradient(flat)
+    head = with_one_dense_weight(head, flat)
     entropies = mx.concatenate([_entropy(_tempered(head(flat[s:s + CHUNK_TOKENS]).astype(mx.float32), temperature))
                                 for s in range(0, flat.shape[0], CHUNK_TOKENS)])
     return logps, entropies.reshape(batch, length)
@@ -123,26 +126,28 @@ def chunked_head_logps(head, hidden: mx.array, targets: mx.array, chunk: int = C
     in float32, chunk tokens at a time in both passes. The gradient flows to ``hidden`` only."""
     starts = range(0, hidden.shape[0], chunk)
 
-    def chunk_logits(h):
+    def chunk_logits(head, h):
         return _tempered(head(h).astype(mx.float32), temperature)
 
     @mx.custom_function
     def logps_of(hidden, targets):
-        return mx.concatenate([_logps_from_logits(chunk_logits(hidden[s:s + chunk]), targets[s:s + chunk])
+        forward_head = with_one_dense_weight(head, hidden)
+        return mx.concatenate([_logps_from_logits(chunk_logits(forward_head, hidden[s:s + chunk]), targets[s:s + chunk])
                                for s in starts])
 
     @logps_of.vjp
     def logps_of_vjp(primals, cotangent, output):
         hidden, targets = primals
+        backward_head = with_one_dense_weight(head, cotangent)
         grads = []
         for s in starts:
             h, y, g = hidden[s:s + chunk], targets[s:s + chunk], cotangent[s:s + chunk]
             # d logp_y / d z = onehot(y) - softmax(z) for the tempered logits z = head(h) / T, scaled
             # by the incoming cotangent g; d z / d head(h) = 1 / T.
-            d_logits = -mx.softmax(chunk_logits(h), axis=-1) * g[:, None]
+            d_logits = -mx.softmax(chunk_logits(backward_head, h), axis=-1) * g[:, None]
             d_logits = mx.put_along_axis(d_logits, y[:, None],
                                          mx.take_along_axis(d_logits, y[:, None], axis=-1) + g[:, None], axis=-1)
-            _, (d_h,) = mx.vjp(head, [h], [_tempered(d_logits, temperature).astype(h.dtype)])
+            _, (d_h,) = mx.vjp(backward_head, [h], [_tempered(d_logits, temperature).astype(h.dtype)])
             grads.append(d_h)
         return mx.concatenate(grads), mx.zeros_like(targets)
 
@@ -163,7 +168,7 @@ def kept_logits_head_logps(head, hidden: mx.array, targets: mx.array, temperatur
 
     @mx.custom_function
     def logps_of(hidden, targets):
-        logits = _tempered(head(hidden).astype(mx.float32), temperature)
+        logits = _tempered(with_one_dense_weight(head, hidden)(hidden).astype(mx.float32), temperature)
         log_total = mx.logsumexp(logits, axis=-1)
         picked = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
         return picked - log_total, logits, log_total
@@ -172,13 +177,14 @@ def kept_logits_head_logps(head, hidden: mx.array, targets: mx.array, temperatur
     def logps_of_vjp(primals, cotangents, outputs):
         hidden, targets = primals
         _, logits, log_total = outputs
+        backward_head = with_one_dense_weight(head, cotangents[0])
         grads = []
         for s in starts:
             h, y, g = hidden[s:s + chunk], targets[s:s + chunk], cotangents[0][s:s + chunk]
             d_logits = -mx.exp(logits[s:s + chunk] - log_total[s:s + chunk, None]) * g[:, None]
             d_logits = mx.put_along_axis(d_logits, y[:, None],
                                          mx.take_along_axis(d_logits, y[:, None], axis=-1) + g[:, None], axis=-1)
-            _, (d_h,) = mx.vjp(head, [h], [_tempered(d_logits, temperature).astype(h.dtype)])
+            _, (d_h,) = mx.vjp(backward_head, [h], [_tempered(d_logits, temperature).astype(h.dtype)])
             grads.append(d_h)
         return mx.concatenate(grads), mx.zeros_like(targets)
 

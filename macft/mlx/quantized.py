@@ -86,3 +86,23 @@ def use_dequantizing_layers(model):
         elif type(module) is nn.QuantizedEmbedding:
             module.__class__ = DequantizingEmbedding
     return model
+
+
+def with_one_dense_weight(head, after):
+    """``head`` (a linear layer, or an embedding's ``as_linear``) as a function whose weight, if
+    it is dequantized for the call, is dequantized once, after ``after`` is computed, and shared by
+    every call: for a loss head applied a chunk of tokens at a time, where each chunk would otherwise
+    make (and MLX could hold at once) a dense copy of the vocabulary's weight. Other heads are
+    returned as they are."""
+    owner = getattr(head, "__self__", head)
+    if not isinstance(owner, (DequantizingLinear, DequantizingEmbedding)) or min_rows_to_dequantize() == float("inf"):
+        return head
+    weight = mx.dequantize(mx.depends(owner.weight, after), owner.scales, owner.get("biases"),
+                           group_size=owner.group_size, bits=owner.bits, mode=owner.mode)
+    bias = owner.get("bias") if isinstance(owner, DequantizingLinear) else None
+
+    def dense(x):
+        y = x @ weight.astype(x.dtype).T
+        return y if bias is None else y + bias
+
+    return dense

@@ -68,3 +68,41 @@ def test_tied_head_dequantizes_for_many_rows():
     use_dequantizing_layers(model)
     assert type(embedding) is DequantizingEmbedding
     np.testing.assert_allclose(np.array(embedding.as_linear(x)), np.array(expected), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("head_logps", ["kept", "chunked"])
+def test_a_quantized_head_in_chunks_dequantizes_once_a_pass(head_logps):
+    """The loss head runs a chunk of tokens at a time: a dequantizing head makes one dense weight for
+    the forward and one for the backward, not one per chunk (16 here, all of which MLX could hold at
+    once), and gives the quantized kernel's log-probs and gradient."""
+    from macft.mlx import logps
+
+    mx.random.seed(2)
+    model = nn.Sequential(nn.Embedding(4096, 256))
+    nn.quantize(model, group_size=64, bits=4)
+    reference = model.layers[0].as_linear
+    use_dequantizing_layers(model)
+    head = model.layers[0].as_linear
+    hidden = mx.random.normal((512, 256))
+    targets = mx.random.randint(0, 4096, (512,))
+    chunk = 32
+
+    def run(head_fn):
+        if head_logps == "kept":
+            fn = lambda h: logps.kept_logits_head_logps(head_fn, h, targets, chunk_bytes=chunk * 4096 * 4).sum()  # noqa: E731
+        else:
+            fn = lambda h: logps.chunked_head_logps(head_fn, h, targets, chunk=chunk).sum()  # noqa: E731
+        step = mx.value_and_grad(fn)
+        mx.eval(step(hidden))
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        value, grad = step(hidden)
+        mx.eval(value, grad)
+        return value.item(), grad, mx.get_peak_memory() - before
+
+    value, grad, peak = run(head)
+    expected_value, expected_grad, _ = run(reference)
+    assert value == pytest.approx(expected_value, rel=1e-4)
+    np.testing.assert_allclose(np.array(grad), np.array(expected_grad), rtol=1e-3, atol=1e-4)
+    dense_weight = 4096 * 256 * 4
+    assert peak < 10 * dense_weight, peak  # one per chunk and pass: over 30
