@@ -12,6 +12,7 @@ from macft import FastLanguageModel
 from macft.mlx.lean_backward import (fused_attention_backward, recompute_attention, swiglu_cpu,
                                      swiglu_from_inputs, use_lean_swiglu)
 from macft.mlx.logps import token_logps
+from tests.mlx.peak_memory import added_peak
 
 
 def test_swiglu_gradient_equals_autodiff():
@@ -46,11 +47,7 @@ def test_swiglu_keeps_fewer_arrays_per_block():
             return h.sum()
 
         grad = mx.grad(loss)
-        mx.eval(grad(x))
-        mx.reset_peak_memory()
-        before = mx.get_active_memory()
-        mx.eval(grad(x))
-        return mx.get_peak_memory() - before
+        return added_peak(lambda: grad(x))[0]
 
     plain, keeping_sigmoid, from_inputs = (peak(lambda g, u: nn.silu(g) * u), peak(swiglu_cpu),
                                            peak(swiglu_from_inputs))
@@ -108,11 +105,7 @@ def test_recomputed_attention_keeps_less(tiny_model_dir, restore_architecture_mo
     step = nn.value_and_grad(model, lambda m: -token_logps(m, ids).mean())
 
     def peak():
-        mx.eval(step(model))
-        mx.reset_peak_memory()
-        before = mx.get_active_memory()
-        mx.eval(step(model))
-        return mx.get_peak_memory() - before
+        return added_peak(lambda: step(model))[0]
 
     assert not fused_attention_backward(4, 2, 256, 16, mx.float32, "causal")  # MLX's CPU has no fused backward
     plain = peak()

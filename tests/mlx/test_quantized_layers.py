@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from macft.mlx.quantized import DequantizingEmbedding, DequantizingLinear, use_dequantizing_layers
+from tests.mlx.peak_memory import added_peak
 
 
 def _stack(depth=6, width=512, bits=4, dequantize=True):
@@ -49,11 +50,7 @@ def test_backward_does_not_keep_every_dense_weight():
     for dequantize in (False, True):
         model = _stack(depth=8, width=1024, dequantize=dequantize)
         grad = mx.grad(lambda x: model(x).sum())
-        mx.eval(grad(x))
-        mx.reset_peak_memory()
-        before = mx.get_active_memory()
-        mx.eval(grad(x))
-        peaks[dequantize] = mx.get_peak_memory() - before
+        peaks[dequantize] = added_peak(lambda: grad(x))[0]
     dense_weight = 1024 * 1024 * 4
     assert peaks[True] < peaks[False] + 4 * dense_weight, peaks  # all eight kept: + 8 x
 
@@ -92,13 +89,8 @@ def test_a_quantized_head_in_chunks_dequantizes_once_a_pass(head_logps):
             fn = lambda h: logps.kept_logits_head_logps(head_fn, h, targets, chunk_bytes=chunk * 4096 * 4).sum()  # noqa: E731
         else:
             fn = lambda h: logps.chunked_head_logps(head_fn, h, targets, chunk=chunk).sum()  # noqa: E731
-        step = mx.value_and_grad(fn)
-        mx.eval(step(hidden))
-        mx.reset_peak_memory()
-        before = mx.get_active_memory()
-        value, grad = step(hidden)
-        mx.eval(value, grad)
-        return value.item(), grad, mx.get_peak_memory() - before
+        peak, (value, grad) = added_peak(lambda: mx.value_and_grad(fn)(hidden))
+        return value.item(), grad, peak
 
     value, grad, peak = run(head)
     expected_value, expected_grad, _ = run(reference)

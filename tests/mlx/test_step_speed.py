@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 
 from macft import FastLanguageModel, SFTConfig, SFTTrainer
 from macft.mlx.logps import chunked_head_logps, output_head, token_logps
+from tests.mlx.peak_memory import added_peak
 from macft.mlx.trainer import InputDtypeLoRALinear
 from macft.training import TrainingWarning
 
@@ -82,13 +83,8 @@ def test_kept_logits_head_equals_full_logits_and_holds_less(tiny_model_dir, temp
         return (logps * weights).sum()
 
     def value_grad_peak(loss):
-        run = mx.value_and_grad(loss)
-        mx.eval(run(hidden))
-        mx.reset_peak_memory()
-        before = mx.get_active_memory()
-        value, grad = run(hidden)
-        mx.eval(value, grad)
-        return value.item(), grad, mx.get_peak_memory() - before
+        peak, (value, grad) = added_peak(lambda: mx.value_and_grad(loss)(hidden))
+        return value.item(), grad, peak
 
     value, grad, peak = value_grad_peak(kept)
     expected_value, expected_grad, expected_peak = value_grad_peak(plain)
