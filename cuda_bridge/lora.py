@@ -14,6 +14,16 @@ loads here; ``adapter_model.safetensors`` carries PEFT's names for ``peft.PeftMo
 (A and B above are mlx-lm's lora_a and lora_b.) The base layer can be an nn.Linear or an
 MLX-format ``QuantizedLinear`` (QLoRA). Adapter parameters are float32 whatever the base dtype,
 as in mlx-lm.
+
+The LoRA branch computes in the input's dtype (bf16 on a bf16 base), the float32 adapter weights
+cast per call, as the MLX core's ``use_input_dtype_lora`` does: promoting the input to float32
+instead would keep a float32 copy of every adapted layer's input for the backward pass (q, k and
+v each their own) and run the branch's matmuls in float32. The MLX core measured 3 GB less peak
+memory and a 12% faster step for it on an H200 (1B model, LoRA on seven projections, 8k tokens a
+step); the bridge's own GPU figure is not measured yet. The cast is differentiable, so the
+parameters still get float32 gradients and keep float32 optimizer state; on a float32 base
+nothing changes. DoRA keeps mlx-lm's DoRALinear arithmetic (the input promoted to float32), as the
+MLX core does, so that both backends compute the same DoRA.
 """
 
 import json
@@ -68,9 +78,17 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.disabled:
             return self.linear(x)
+        if self.use_dora:
+            return self._dora_forward(x)
+        # In x's dtype (the module docstring says why). Without dropout the matmul keeps x itself
+        # for lora_a's gradient (the frozen base layer keeps only its weight): one tensor for q, k
+        # and v, which share their input, where the float32 cast kept a copy in each.
+        z = (self.dropout(x) @ self.lora_a.to(x.dtype)) @ self.lora_b.to(x.dtype)
+        return self.linear(x) + self.scale * z
+
+    def _dora_forward(self, x):
+        # mlx-lm's DoRALinear, which the MLX core leaves as it is: the branch in float32.
         z = (self.dropout(x).to(self.lora_a.dtype) @ self.lora_a) @ self.lora_b
-        if not self.use_dora:
-            return self.linear(x) + (self.scale * z).to(x.dtype)
         out = _matmul_without_bias(self.linear, x) + (self.scale * z).to(x.dtype)
         with torch.no_grad():  # mlx-lm: stop_gradient on the norm of the adapted weight
             denom = (base_weight(self.linear).float() + self.lora_delta()).norm(dim=1)
