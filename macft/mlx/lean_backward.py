@@ -5,16 +5,21 @@ block's gradient needs. Two parts of a block hold more than they must under MLX'
 
 - SwiGLU, silu(gate) * up: autodiff keeps sigmoid(gate) and silu(gate) besides gate and up, two
   more (tokens x intermediate) arrays per block (256 MB a block for 8k tokens of a 1B model in
-  bf16). ``swiglu_from_inputs`` keeps gate and up only and recomputes the sigmoid in the backward,
-  an elementwise pass that costs next to nothing beside the block's matmuls.
+  bf16). On a GPU ``swiglu_from_inputs`` keeps gate and up only and recomputes the sigmoid in the
+  backward, an elementwise pass that costs next to nothing beside the block's matmuls. On the CPU,
+  where MLX's exp is slow enough that recomputing it made a SmolLM2 step 7% slower,
+  ``swiglu_cpu`` keeps the sigmoid and drops silu(gate) only, at no cost in time.
 - Attention, where MLX has no fused backward for it (always on the CPU; on MLX's CUDA backend at
   lengths that are not a multiple of 128; on Apple GPUs as the installed MLX decides; asked of
   MLX itself, ``fused_attention_backward``): autodiff of the unfused attention keeps each block's
   (batch, heads, T, T) softmax weights, 2 GB a block in float32 at 4 x 2048 tokens and 32 heads.
   ``recompute_attention`` then runs attention under ``mx.checkpoint`` so that only q, k and v are
-  kept and the weights are made again in the backward, one block at a time. Measured on the CPU
-  (SmolLM2-135M, 4 x 256 tokens): the step's peak 2.92 GB plain, 2.55 GB with the SwiGLU change,
-  2.34 GB with both.
+  kept and the weights are made again in the backward, one block at a time. On a GPU only
+  (``keep_less_for_backward``): on the CPU it cost 12% of a step for 7% of its peak.
+
+Measured on the CPU (SmolLM2-135M, 4 x 256 tokens, LoRA): the step's peak 2.92 GB plain, 2.55 GB
+with the SwiGLU gradient from its inputs, 2.34 GB with attention recomputed too; the CPU's own
+choice (``swiglu_cpu``, attention kept) 2.68 GB.
 
 Both swap a function of the model's architecture module (``mlx_lm.models.<type>``), the way
 mlx-lm's own ``grad_checkpoint`` patches a class: the values are the same (the forward runs the

@@ -7,9 +7,10 @@ MLX's CUDA backend a 4-bit LoRA step of a 1B model ran at half the speed of the 
 against 37.0k tokens/s on an H200), while dequantizing its weights twice a step moves ~10 GB, a
 few milliseconds at that GPU's bandwidth. So there, a layer fed at least
 ``min_rows_to_dequantize()`` rows dequantizes its weight and multiplies densely, and decoding keeps
-the quantized kernel. On Apple GPUs MLX's quantized kernel stays in use: it is tiled for many rows
-there, and dequantizing would only add memory traffic. (``scripts/profile_mlx_step.py`` times both
-ways on a device; ``MACFT_DEQUANTIZE=0`` keeps the quantized kernel everywhere.)
+the quantized kernel. On Apple GPUs MLX's quantized kernel stays in use until this is measured
+there: its Metal kernel is tiled for many rows, so dequantizing may only add memory traffic.
+(``scripts/profile_mlx_step.py`` times both ways on a device; ``MACFT_DEQUANTIZE=0`` keeps the
+quantized kernel everywhere.)
 
 The dense weight lives only for the call: the backward pass dequantizes it again
 (``_dequantized_matmul``) instead of holding every layer's dense weight until the gradient is
