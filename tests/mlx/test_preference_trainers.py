@@ -67,12 +67,15 @@ def held_out_margin(model, examples) -> float:
     return float(np.mean(chosen - rejected))
 
 
-LEARNS = {  # algo, train type, learning rate, config
+# algo, train type, learning rate, config. ORPO and KTO at 5e-3: at 2e-2 their ten steps are
+# chaotic, and a float32 rounding change in the gradient (the loss head's arithmetic) moved their
+# held-out margins by up to 3 nats; at 5e-3 they gain 26.6 and 12.2 nats and agree to 1e-3 either way.
+LEARNS = {
     "dpo-lora": ("dpo", "lora", 2e-2, {}),
     "dpo-full": ("dpo", "full", 3e-3, {}),
     "cpo": ("cpo", "lora", 2e-2, {"beta": 0.5, "cpo_alpha": 0.1}),
-    "orpo": ("orpo", "lora", 2e-2, {"beta": 1.0}),
-    "kto": ("kto", "lora", 2e-2, {}),  # the pairs are split into desirable / undesirable rows
+    "orpo": ("orpo", "lora", 5e-3, {"beta": 1.0}),
+    "kto": ("kto", "lora", 5e-3, {}),  # the pairs are split into desirable / undesirable rows
 }
 
 
