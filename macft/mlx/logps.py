@@ -141,14 +141,10 @@ def chunked_head_logps(head, hidden: mx.array, targets: mx.array, chunk: int = C
         backward_head = with_one_dense_weight(head, cotangent)
         grads = []
         for s in starts:
-            h, y, g = hidden[s:s + chunk], targets[s:s + chunk], cotangent[s:s + chunk]
-            # d logp_y / d z = onehot(y) - softmax(z) for the tempered logits z = head(h) / T, scaled
-            # by the incoming cotangent g; d z / d head(h) = 1 / T.
-            d_logits = -mx.softmax(chunk_logits(backward_head, h), axis=-1) * g[:, None]
-            d_logits = mx.put_along_axis(d_logits, y[:, None],
-                                         mx.take_along_axis(d_logits, y[:, None], axis=-1) + g[:, None], axis=-1)
-            _, (d_h,) = mx.vjp(backward_head, [h], [_tempered(d_logits, temperature).astype(h.dtype)])
-            grads.append(d_h)
+            h = hidden[s:s + chunk]
+            probabilities = mx.softmax(chunk_logits(backward_head, h), axis=-1)
+            grads.append(_hidden_gradient(backward_head, h, targets[s:s + chunk], cotangent[s:s + chunk],
+                                          probabilities, temperature))
         return mx.concatenate(grads), mx.zeros_like(targets)
 
     return logps_of(hidden, targets)
@@ -180,15 +176,23 @@ def kept_logits_head_logps(head, hidden: mx.array, targets: mx.array, temperatur
         backward_head = with_one_dense_weight(head, cotangents[0])
         grads = []
         for s in starts:
-            h, y, g = hidden[s:s + chunk], targets[s:s + chunk], cotangents[0][s:s + chunk]
-            d_logits = -mx.exp(logits[s:s + chunk] - log_total[s:s + chunk, None]) * g[:, None]
-            d_logits = mx.put_along_axis(d_logits, y[:, None],
-                                         mx.take_along_axis(d_logits, y[:, None], axis=-1) + g[:, None], axis=-1)
-            _, (d_h,) = mx.vjp(backward_head, [h], [_tempered(d_logits, temperature).astype(h.dtype)])
-            grads.append(d_h)
+            probabilities = mx.exp(logits[s:s + chunk] - log_total[s:s + chunk, None])
+            grads.append(_hidden_gradient(backward_head, hidden[s:s + chunk], targets[s:s + chunk],
+                                          cotangents[0][s:s + chunk], probabilities, temperature))
         return mx.concatenate(grads), mx.zeros_like(targets)
 
     return logps_of(hidden, targets)[0]
+
+
+def _hidden_gradient(head, hidden, targets, cotangent, probabilities, temperature):
+    """The gradient reaching ``hidden`` from ``cotangent`` on log softmax(z)[targets], z = head(hidden)
+    / T, given softmax(z): d logp_y / d z = onehot(y) - softmax(z), scaled by the cotangent, and
+    d z / d head(hidden) = 1 / T."""
+    d_logits = -probabilities * cotangent[:, None]
+    d_logits = mx.put_along_axis(d_logits, targets[:, None],
+                                 mx.take_along_axis(d_logits, targets[:, None], axis=-1) + cotangent[:, None], axis=-1)
+    _, (d_hidden,) = mx.vjp(head, [hidden], [_tempered(d_logits, temperature).astype(hidden.dtype)])
+    return d_hidden
 
 
 def _head_width(head, hidden) -> int:
