@@ -83,8 +83,15 @@ class LoRALinear(nn.Module):
         # In x's dtype (the module docstring says why). Without dropout the matmul keeps x itself
         # for lora_a's gradient (the frozen base layer keeps only its weight): one tensor for q, k
         # and v, which share their input, where the float32 cast kept a copy in each.
-        z = (self.dropout(x) @ self.lora_a.to(x.dtype)) @ self.lora_b.to(x.dtype)
-        return self.linear(x) + self.scale * z
+        y = self.linear(x)
+        xa = self.dropout(x) @ self.lora_a.to(x.dtype)
+        if y.dtype != xa.dtype:
+            return y + self.scale * (xa @ self.lora_b.to(x.dtype))
+        # y + s * (x A) B as one GEMM that adds into y (beta = 1, alpha = s): the scaling and the
+        # sum ride in the matmul's epilogue instead of two passes over the (tokens, out) output,
+        # and its backward hands the output gradient to the base layer as it is.
+        rows = y.reshape(-1, y.shape[-1])
+        return torch.addmm(rows, xa.reshape(-1, xa.shape[-1]), self.lora_b.to(x.dtype), alpha=self.scale).view(y.shape)
 
     def _dora_forward(self, x):
         # mlx-lm's DoRALinear, which the MLX core leaves as it is: the branch in float32.

@@ -119,6 +119,10 @@ def _glu(mlp, gate, up):
 
 
 def _mlp_forward(self, x):
+    from cuda_bridge.kernels import lora_mlp
+
+    if lora_mlp.applies(self, x):  # LoRA training: one Function, a leaner backward
+        return lora_mlp.lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, _glu_kind(self))
     return self.down_proj(_glu(self, self.gate_proj(x), self.up_proj(x)))
 
 

@@ -429,10 +429,8 @@ class QuantMatmulFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         packed, scales, biases = ctx.saved_tensors
-        lead = grad_y.shape[:-1]
-        g2 = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
-        dx = _launch_bwd_x(g2, packed, scales, biases, ctx.group_size, ctx.bits, ctx.in_features)
-        return dx.reshape(*lead, ctx.in_features), None, None, None, None, None
+        return quant_matmul_input_grad(grad_y, packed, scales, biases, ctx.group_size, ctx.bits), None, None, None, \
+            None, None
 
 
 def quant_matmul(x, packed, scales, biases, group_size: int = 64, bits: int = 4):
@@ -451,6 +449,19 @@ def quant_matmul(x, packed, scales, biases, group_size: int = 64, bits: int = 4)
             return y.reshape(*x.shape[:-1], out_features)
         return QuantMatmulFunction.apply(x, packed, scales, biases, group_size, bits)
     return quant_matmul_reference(x, packed, scales, biases, group_size, bits)
+
+
+def quant_matmul_input_grad(grad_y, packed, scales, biases, group_size: int = 64, bits: int = 4):
+    """grad_y (..., out) @ w -> (..., in): quant_matmul's input gradient, outside autograd (its own
+    backward, and Functions with a hand-written backward such as ``kernels.lora_mlp``)."""
+    packed = as_int32(packed)
+    out_features, in_features = _check_format(packed, scales, biases, group_size, bits)
+    if triton is not None and use_triton(grad_y, packed):
+        g2 = grad_y.reshape(-1, out_features).contiguous()
+        dx = _launch_bwd_x(g2, packed.contiguous(), scales.contiguous(), biases.contiguous(), group_size, bits,
+                           in_features)
+        return dx.reshape(*grad_y.shape[:-1], in_features)
+    return grad_y @ dequantize_affine_reference(packed, scales, biases, group_size, bits).to(grad_y.dtype)
 
 
 # ----------------------------------------------------------------------------- modules

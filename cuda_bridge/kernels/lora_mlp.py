@@ -1,0 +1,196 @@
+"""A gated MLP with LoRA on its projections as one autograd Function with a hand-written backward.
+
+Rows are tokens; W (out, in) frozen, A (in, r) and B (r, out) as mlx-lm lays LoRA out:
+
+    gate = x W_g^T + s_g (x A_g) B_g,    up = x W_u^T + s_u (x A_u) B_u
+    h    = act(gate) * up                                                 (act: silu or gelu_tanh)
+    y    = h W_d^T + s_d (h A_d) B_d
+
+Autograd of the module-by-module MLP keeps, for each token, gate, up and h (three intermediate-
+wide arrays), and its backward makes dh, d_gate and d_up. This Function keeps x, gate and up (h
+is made again) and runs its backward in those two and one new intermediate-wide buffer:
+
+    dh   = dy W_d + s_d (dy B_d^T) A_d^T                 into a new buffer
+    h, d_gate, d_up  from dh, gate, up                   one elementwise kernel, in place: h over
+                                                         dh, d_gate over gate, d_up over up
+    dA_d = h^T (s_d dy B_d^T),   dB_d = s_d (h A_d)^T dy
+    dx   = d_gate W_g + d_up W_u + s_g (d_gate B_g^T) A_g^T + s_u (d_up B_u^T) A_u^T
+    dA_g = x^T (s_g d_gate B_g^T),   dB_g = s_g (x A_g)^T d_gate        (and the same for up)
+
+At the 1B shape with 8192 tokens a step, one intermediate-wide bf16 array is 128 MiB: the
+Function keeps one fewer of them per block from the forward to the backward (h), and its backward
+holds two fewer (d_gate and d_up written over gate and up; autograd frees h before it makes
+them), what Unsloth's fused LoRA MLP saves the same way. The forward and the matmuls are the
+ones the module-by-module MLP runs (LoRA in the input's dtype, the adapter added inside the GEMM,
+as ``cuda_bridge.lora.LoRALinear``); the gradients differ only in the order of the sums into dx.
+
+The base projections are frozen nn.Linear or MLX-format QuantizedLinear layers (their forward is
+called as it is; the backward multiplies by the dequantized weight); a projection without an
+adapter is just its base. ``applies`` says when the Function takes the MLP: Triton runs, the model
+is being trained (gradients on), every projection is frozen, and no adapter has dropout, DoRA or is
+disabled; otherwise the module-by-module forward runs.
+"""
+
+import torch
+
+from cuda_bridge.kernels.dispatch import use_triton
+from cuda_bridge.kernels.swiglu import _GELU_TANH, _SILU, _SQRT_2_OVER_PI
+
+try:  # Triton is optional: without it the module-by-module MLP runs.
+    import triton
+    import triton.language as tl
+
+    from cuda_bridge.kernels.swiglu import _act_and_grad, _glu_fwd
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+_BLOCK = 1024
+ACTIVATIONS = {"swiglu": _SILU, "geglu": _GELU_TANH}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _glu_bwd_in_place(DH, G, U, n, ACT: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
+        # Reads dh, gate, up; writes h = act(gate) * up over dh, d_gate over gate, d_up over up.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+        act, dact = _act_and_grad(g, ACT, C)
+        tl.store(DH + offs, (act * u).to(DH.dtype.element_ty), mask=mask)
+        tl.store(G + offs, (dh * u * dact).to(G.dtype.element_ty), mask=mask)
+        tl.store(U + offs, (dh * act).to(U.dtype.element_ty), mask=mask)
+
+
+def _glu(gate, up, act):
+    h = torch.empty_like(gate)
+    n = gate.numel()
+    if n:
+        _glu_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, h, n, ACT=act, C=_SQRT_2_OVER_PI, BLOCK=_BLOCK, num_warps=4)
+    return h
+
+
+def _glu_backward_in_place(dh, gate, up, act):
+    n = gate.numel()
+    if n:
+        _glu_bwd_in_place[(triton.cdiv(n, _BLOCK),)](dh, gate, up, n, ACT=act, C=_SQRT_2_OVER_PI, BLOCK=_BLOCK,
+                                                     num_warps=4)
+
+
+# ----------------------------------------------------------------------------- one projection
+
+
+def _adapter(projection):
+    """(base layer, lora_a, lora_b, scale) of a LoRALinear; (layer, None, None, 0) for a bare base."""
+    if hasattr(projection, "lora_a"):
+        return projection.linear, projection.lora_a, projection.lora_b, projection.scale
+    return projection, None, None, 0.0
+
+
+def _project(base, a, b, scale, x2):
+    """(out, x A) for one projection of the rows x2, as LoRALinear's forward computes it."""
+    y = base(x2)
+    if a is None:
+        return y, None
+    xa = x2 @ a.to(x2.dtype)
+    return torch.addmm(y, xa, b.to(x2.dtype), alpha=scale), xa
+
+
+def _base_input_grad(base, grad):
+    """grad @ W: the input gradient through a frozen base layer (dequantized for a quantized one)."""
+    if hasattr(base, "group_size"):
+        from cuda_bridge.kernels.quant_matmul import quant_matmul_input_grad
+
+        return quant_matmul_input_grad(grad, base.weight, base.scales, base.biases, base.group_size, base.bits)
+    return grad @ base.weight.to(grad.dtype)
+
+
+def _adapter_grads(a, b, scale, x, xa, grad, dx):
+    """LoRA's share of one projection's backward, as autograd of addmm computes it: the adapter
+    gradients (float32, the parameters' dtype), and x's gradient through the adapter added into dx."""
+    if a is None:
+        return None, None
+    d_xa = (grad @ b.to(grad.dtype).t()) * scale
+    grad_b = (xa.t() @ grad) * scale
+    grad_a = x.t() @ d_xa
+    dx.addmm_(d_xa, a.to(grad.dtype).t())
+    return grad_a.to(a.dtype), grad_b.to(b.dtype)
+
+
+# ----------------------------------------------------------------------------- the Function
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, a_gate, b_gate, a_up, b_up, a_down, b_down, projections, act):
+        gate_proj, up_proj, down_proj = projections
+        x2 = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            gate, xa_gate = _project(gate_proj[0], a_gate, b_gate, gate_proj[3], x2)
+            up, xa_up = _project(up_proj[0], a_up, b_up, up_proj[3], x2)
+            h = _glu(gate, up, act)
+            y, ha_down = _project(down_proj[0], a_down, b_down, down_proj[3], h)
+        ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, ha_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
+        ctx.projections, ctx.act, ctx.input_shape = projections, act, x.shape
+        ctx.used = False
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        if ctx.used:  # the first backward wrote over the saved gate and up
+            raise RuntimeError("LoRAMLPFunction: backward through the same graph twice (retain_graph=True) is not "
+                               "supported; set MACFT_KERNELS=reference to use the module-by-module MLP")
+        ctx.used = True
+        x2, gate, up, xa_gate, xa_up, ha_down, a_gate, b_gate, a_up, b_up, a_down, b_down = ctx.saved_tensors
+        (gate_base, _, _, s_gate), (up_base, _, _, s_up), (down_base, _, _, s_down) = ctx.projections
+        dy = dy.reshape(-1, dy.shape[-1]).contiguous()
+
+        dh = _base_input_grad(down_base, dy)
+        if a_down is not None:  # the adapter's share of dh, before the buffer turns into h
+            d_ha = (dy @ b_down.to(dy.dtype).t()) * s_down
+            dh.addmm_(d_ha, a_down.to(dy.dtype).t())
+        _glu_backward_in_place(dh, gate, up, ctx.act)
+        h, d_gate, d_up = dh, gate, up
+        grad_a_down = grad_b_down = None
+        if a_down is not None:
+            grad_a_down = (h.t() @ d_ha).to(a_down.dtype)
+            grad_b_down = ((ha_down.t() @ dy) * s_down).to(b_down.dtype)
+        del h, dh
+
+        dx = _base_input_grad(gate_base, d_gate)
+        dx += _base_input_grad(up_base, d_up)
+        grad_a_gate, grad_b_gate = _adapter_grads(a_gate, b_gate, s_gate, x2, xa_gate, d_gate, dx)
+        grad_a_up, grad_b_up = _adapter_grads(a_up, b_up, s_up, x2, xa_up, d_up, dx)
+        return (dx.view(ctx.input_shape), grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down,
+                None, None)
+
+
+# ----------------------------------------------------------------------------- when and how
+
+
+def _fusable(projection) -> bool:
+    base = getattr(projection, "linear", projection)
+    if any(p.requires_grad for p in base.parameters()):
+        return False  # a trained base (full fine-tuning) needs its weight gradient: autograd's job
+    if not hasattr(projection, "lora_a"):
+        return True
+    return (not projection.use_dora and not projection.disabled and isinstance(projection.dropout, torch.nn.Identity)
+            and projection.lora_a.requires_grad and projection.lora_b.requires_grad)
+
+
+def applies(mlp, x) -> bool:
+    """Whether ``lora_mlp`` takes this MLP call (see the module docstring)."""
+    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    return (triton is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled() and use_triton(x)
+            and any(hasattr(p, "lora_a") for p in projections) and all(_fusable(p) for p in projections))
+
+
+def lora_mlp(x, gate_proj, up_proj, down_proj, activation: str = "swiglu"):
+    """down_proj(act(gate_proj(x)) * up_proj(x)) through LoRAMLPFunction; each projection a
+    LoRALinear or a frozen base layer (``applies`` checks the conditions)."""
+    projections = tuple(_adapter(p) for p in (gate_proj, up_proj, down_proj))
+    adapters = [t for base, a, b, _ in projections for t in (a, b)]
+    return LoRAMLPFunction.apply(x, *adapters, projections, ACTIVATIONS[activation])

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU figures of the README's performance sections, in parts that each fit one device call
+# (under 10 minutes on an H200). Run on the GPU host from the repository root, after staging the
+# kit the part needs (../shared/device/README.md):
+#
+#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-rl
+#   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests
+#
+# mlx-*: the MLX core on MLX's CUDA backend beside mlx-lm-lora 5.10.2 (issue 12's rows);
+# cuda-*: cuda_bridge beside Unsloth (issue 13's rows) and the GPU tests. Every row is one
+# command printing both sides; the random Llama-shaped models take the tokenizer in $TOKENIZER
+# (default .device/tok). mlx-lm-lora comes from the wheels in .whl/ (mlx_lm_lora, gguf, and
+# datasets with its dependencies), installed with --target into /tmp/site-peer.
+# Each command's whole output goes to $OUT/<row>.log (default ./gpu-figures); the figures are
+# echoed. A row that fails or runs past $LIMIT seconds (default 280) does not stop the others.
+set -uo pipefail
+
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-rl|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests"}
+OUT=${OUT:-gpu-figures}
+TOKENIZER=${TOKENIZER:-.device/tok}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD:/tmp/site-peer${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+SHAPE=(--model-shape llama-3.2-1b --tokenizer "$TOKENIZER")
+
+row() {  # row NAME COMMAND...: run it, keep its output, echo its figures
+    local name=$1
+    shift
+    echo "== $name: $*"
+    timeout "${LIMIT:-280}" "$@" >"$OUT/$name.log" 2>&1
+    echo "   exit $?"
+    grep -E "tokens/s|ratio|first|peak|grad norm|rror|passed|failed|TFLOP|GB|ms" "$OUT/$name.log" | tail -25
+}
+
+peer_site() {
+    if [ -d .whl ] && [ ! -d /tmp/site-peer ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-peer .whl/*.whl >/dev/null 2>&1 ||
+            echo "note: could not install .whl/ into /tmp/site-peer: rows without the peer"
+    fi
+}
+
+case "$PART" in
+mlx-profile)  # where the step's time and memory go, piece by piece
+    export MACFT_BACKEND=mlx
+    row mlx-profile-bf16 python3 scripts/profile_mlx_step.py --tokenizer "$TOKENIZER"
+    row mlx-profile-4bit python3 scripts/profile_mlx_step.py --tokenizer "$TOKENIZER" --only step --load-in-4bit
+    MACFT_DEQUANTIZE=0 row mlx-profile-4bit-qmm python3 scripts/profile_mlx_step.py --tokenizer "$TOKENIZER" \
+        --only step --load-in-4bit
+    ;;
+mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora tokens/s at <= 0.7x its peak
+    export MACFT_BACKEND=mlx
+    peer_site
+    sft=(python3 -m macft bench sft --backend mlx "${SHAPE[@]}" --seq-len 2048 --batch-size 4 --lora-rank 16
+         --steps 6 --warmup 3 --peer-python python3)
+    row mlx-sft-bf16 "${sft[@]}" --json "$OUT/mlx-sft-bf16.json"
+    row mlx-sft-4bit "${sft[@]}" --load-in-4bit --json "$OUT/mlx-sft-4bit.json"
+    row mlx-sft-ckpt "${sft[@]}" --grad-checkpoint --json "$OUT/mlx-sft-ckpt.json"
+    ;;
+mlx-rl)  # issue 12: DPO step; GRPO rollouts (>= 10,000 tokens/s) eager and compiled, and the full step
+    export MACFT_BACKEND=mlx
+    peer_site
+    row mlx-dpo python3 -m macft bench dpo --backend mlx "${SHAPE[@]}" --seq-len 1024 --batch-size 4 --lora-rank 16 \
+        --steps 6 --warmup 3 --peer-python python3 --json "$OUT/mlx-dpo.json"
+    grpo=(python3 -m macft bench grpo --backend mlx "${SHAPE[@]}" --num-prompts 2 --group-size 8 --max-tokens 256)
+    MACFT_COMPILED_DECODE=0 row mlx-grpo-eager "${grpo[@]}" --json "$OUT/mlx-grpo-eager.json"
+    MACFT_COMPILED_DECODE=1 row mlx-grpo-compiled "${grpo[@]}" --full-step --lora-rank 16 --peer-python python3 \
+        --json "$OUT/mlx-grpo-compiled.json"
+    ;;
+cuda-1b)  # issue 13: 1B, batch 4: bf16 >= 1.1x Unsloth, 4-bit >= 1.0x, at <= its peak
+    export MACFT_BACKEND=cuda
+    sft=(python3 -m macft bench sft --backend cuda "${SHAPE[@]}" --seq-len 2048 --batch-size 4 --lora-rank 16
+         --steps 6 --warmup 3 --grad-checkpoint --offload-checkpoints --unsloth-python python3)
+    row cuda-1b-bf16 "${sft[@]}" --json "$OUT/cuda-1b-bf16.json"
+    row cuda-1b-4bit "${sft[@]}" --load-in-4bit --json "$OUT/cuda-1b-4bit.json"
+    ;;
+cuda-8b | cuda-8b-4bit)  # issue 13: 8B, batch 1 (one call each: the 16 GB random model is written each time)
+    export MACFT_BACKEND=cuda
+    sft=(python3 -m macft bench sft --backend cuda --model-shape llama-3.1-8b --tokenizer "$TOKENIZER" --seq-len 2048
+         --batch-size 1 --lora-rank 16 --steps 6 --warmup 3 --grad-checkpoint --offload-checkpoints
+         --unsloth-python python3)
+    if [ "$PART" = cuda-8b ]; then
+        LIMIT=${LIMIT:-560} row cuda-8b-bf16 "${sft[@]}" --json "$OUT/cuda-8b-bf16.json"
+    else
+        LIMIT=${LIMIT:-560} row cuda-8b-4bit "${sft[@]}" --load-in-4bit --json "$OUT/cuda-8b-4bit.json"
+    fi
+    ;;
+cuda-tests)  # the GPU tests: kernels against their references with time and peak, offload, QLoRA
+    export MACFT_BACKEND=cuda MACFT_TEST_TOKENIZER="$PWD/$TOKENIZER"
+    LIMIT=${LIMIT:-540} row cuda-tests python3 -m pytest -q -m gpu tests/cuda_bridge -p no:cacheprovider
+    ;;
+*)
+    echo "unknown part $PART" >&2
+    exit 2
+    ;;
+esac
