@@ -3,6 +3,8 @@
 
     python scripts/bench_decode_steps.py [--rows 16] [--max-tokens 64] [--repeats 3] [--model DIR]
 
+(MACFT_MERGED_ROLLOUT=0|1 in front compares rollouts without and with the adapter merged.)
+
 It reports first the host's cost per step alone: after the prefill, every step's graph built and
 none run (what compiling cuts; on a GPU, for a ~1B model, the step waits on it), then steps/s of
 whole rollouts, where on a CPU the arithmetic, done by the same cores, hides it.

@@ -7,15 +7,18 @@ sequence of every group decodes together, one token per step, until all have sto
 On a GPU, decoding runs as one compiled function per step over fixed-size buffers
 (``macft.mlx.static_cache``): a small model's eager step waits on the host rebuilding its graph in
 Python. Models whose attention does not fit decode eagerly, as does the CPU by default
-(``compiled_decode_applies``).
+(``compiled_decode_applies``). On a GPU, LoRA layers also run with the adapter merged into their
+weight for the rollout (``macft.mlx.merged_rollout``): one matmul each instead of three.
 """
 
+import contextlib
 import os
 import warnings
 
 import mlx.core as mx
 
 from macft.mlx import static_cache
+from macft.mlx.merged_rollout import lora_merged, merged_rollout_applies
 from macft.rollout import Rollout, rollout_from_rows
 
 # mlx-lm model types whose attention uses a cache only through offset, update_and_fetch and the
@@ -44,35 +47,36 @@ def sample_completions(model, prompts: list[list[int]], *, num_samples: int = 1,
     was_training = model.training
     model.eval()
     try:
-        cache = [BatchKVCache(left_padding) for _ in model.layers]
-        logits = model(padded, cache=cache)[:, -1, :]
-        rows = mx.repeat(mx.arange(len(prompts)), num_samples)
-        if num_samples > 1:
-            for layer_cache in cache:
-                layer_cache.keys = layer_cache.keys[rows]
-                layer_cache.values = layer_cache.values[rows]
-                layer_cache.offset = layer_cache.offset[rows]
-                layer_cache.left_padding = layer_cache.left_padding[rows]
-            logits = logits[rows]
+        with lora_merged(model) if merged_rollout_applies() else contextlib.nullcontext():
+            cache = [BatchKVCache(left_padding) for _ in model.layers]
+            logits = model(padded, cache=cache)[:, -1, :]
+            rows = mx.repeat(mx.arange(len(prompts)), num_samples)
+            if num_samples > 1:
+                for layer_cache in cache:
+                    layer_cache.keys = layer_cache.keys[rows]
+                    layer_cache.values = layer_cache.values[rows]
+                    layer_cache.offset = layer_cache.offset[rows]
+                    layer_cache.left_padding = layer_cache.left_padding[rows]
+                logits = logits[rows]
 
-        def next_token(logits, finished):
-            logits = logits.astype(mx.float32)
-            token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-            token = mx.where(finished, pad_id, token)
-            return token, finished | (token[:, None] == eos[None, :]).any(axis=1)
+            def next_token(logits, finished):
+                logits = logits.astype(mx.float32)
+                token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+                token = mx.where(finished, pad_id, token)
+                return token, finished | (token[:, None] == eos[None, :]).any(axis=1)
 
-        def eager_step(token, finished):
-            return next_token(model(token[:, None], cache=cache)[:, -1, :], finished)
+            def eager_step(token, finished):
+                return next_token(model(token[:, None], cache=cache)[:, -1, :], finished)
 
-        token, finished = next_token(logits, mx.zeros((logits.shape[0],), dtype=mx.bool_))
-        mx.async_eval(token, finished)
-        step = None
-        if max_tokens > 1 and compiled_decode_applies(model):
-            step = _compiled_step(model, next_token, cache, token, finished,
-                                  capacity=static_cache.capacity_for(width, max_tokens))
-            if step is not None:
-                cache.clear()  # the fixed buffers hold the prompts now
-        steps = _decode(step or eager_step, token, finished, max_tokens)
+            token, finished = next_token(logits, mx.zeros((logits.shape[0],), dtype=mx.bool_))
+            mx.async_eval(token, finished)
+            step = None
+            if max_tokens > 1 and compiled_decode_applies(model):
+                step = _compiled_step(model, next_token, cache, token, finished,
+                                      capacity=static_cache.capacity_for(width, max_tokens))
+                if step is not None:
+                    cache.clear()  # the fixed buffers hold the prompts now
+            steps = _decode(step or eager_step, token, finished, max_tokens)
     finally:
         model.train(was_training)
     return _rollout(mx.stack(steps, axis=1).tolist(), set(eos_token_ids), num_samples, len(prompts))
