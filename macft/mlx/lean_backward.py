@@ -25,13 +25,14 @@ block's gradient needs. Three parts of a block hold more than they must under ML
 
 Measured on the CPU (SmolLM2-135M, 4 x 256 tokens, LoRA): the step's peak 2.92 GB plain, 2.55 GB
 with the SwiGLU gradient from its inputs, 2.34 GB with attention recomputed too; the CPU's own
-choice (``swiglu_cpu``, attention kept) 2.68 GB. With ``swiglu_down`` the whole SFT step (``macft bench sft --seq-len 256 --batch-size 4``) went from 2.48 to 2.30 GB at
-the same speed.
+choice (``swiglu_cpu``, attention kept) 2.68 GB. With ``swiglu_down`` the whole SFT step
+(``macft bench sft --seq-len 256 --batch-size 4``) went from 2.48 to 2.30 GB at the same speed.
 
 Each swaps a function or the MLP's ``__call__`` in the model's architecture module
-(``mlx_lm.models.<type>``), the way mlx-lm's own ``grad_checkpoint`` patches a class: the values are the same (the forward runs the
-same operations), so other models of that type in the process are unaffected but for memory.
-Calls with a KV cache (generation) are passed through untouched.
+(``mlx_lm.models.<type>``), the way mlx-lm's own ``grad_checkpoint`` patches a class: the values
+are the same (the forward runs the same operations), so other models of that type in the process
+are unaffected but for memory. Attention calls with a KV cache (generation) are passed through
+untouched.
 """
 
 import functools
@@ -140,6 +141,7 @@ def _swiglu_down_keeping_sigmoid(down):
         gate, up, sigmoid, params = primals
         gate, up, sigmoid = _after(cotangent, gate, up, sigmoid)
         d_h, d_params = _down_vjp(down, params, gate * sigmoid * up, cotangent)
+        # sigmoid came in stop_gradient'ed: its zero cotangent is never evaluated
         return (*_swiglu_gradients(gate, up, sigmoid, d_h), mx.zeros_like(sigmoid), d_params)
 
     return forward

@@ -65,20 +65,25 @@ def lora_down(hidden, intermediate, dropout=0.0):
     return down
 
 
+def swiglu_down_gpu_variant(down, gate, up):
+    """swiglu_down as a GPU runs it (the sigmoid recomputed), here on the CPU."""
+    from macft.mlx import lean_backward
+
+    return lean_backward._swiglu_down_from_inputs(down)(gate, up, down.trainable_parameters())
+
+
 @pytest.mark.parametrize("device", ["cpu", "gpu variant"])
 def test_swiglu_down_gradient_equals_autodiff(device):
     """down(silu(gate) * up) with h made again in the backward: the loss, gate's, up's and the
     LoRA gradients equal autodiff's (the CPU's variant keeps the sigmoid; the GPU's recomputes it,
     run here on the CPU by calling it directly)."""
-    from macft.mlx import lean_backward
-
     mx.random.seed(0)
     down = lora_down(32, 96)
     gate, up, weight = mx.random.normal((5, 96)) * 3, mx.random.normal((5, 96)), mx.random.normal((5, 32))
-    if device == "cpu":
-        ours = lambda g, u: swiglu_down(down, g, u)  # noqa: E731
-    else:
-        ours = lambda g, u: lean_backward._swiglu_down_from_inputs(down)(g, u, down.trainable_parameters())  # noqa: E731
+    variant = swiglu_down if device == "cpu" else swiglu_down_gpu_variant
+
+    def ours(gate, up):
+        return variant(down, gate, up)
 
     def loss(fn):
         def value(params, gate, up):
@@ -101,17 +106,15 @@ def test_swiglu_down_keeps_no_h(variant):
     composition, which keeps h for lora_a's gradient. (Per block, from two depths: the peak's
     transient part moves by a few arrays between depths.) With dropout in down it falls back to
     the composition (the mask cannot be made again)."""
-    from macft.mlx import lean_backward
-
     tokens, hidden, intermediate = 512, 128, 1024
     mx.random.seed(1)
     w_gate, w_up = (mx.random.normal((intermediate, hidden)) * 0.05 for _ in range(2))
     x = mx.random.normal((tokens, hidden))
-    if variant == "cpu":
-        plain, ours = (lambda down, g, u: down(swiglu_cpu(g, u))), swiglu_down
-    else:
-        plain = lambda down, g, u: down(swiglu_from_inputs(g, u))  # noqa: E731
-        ours = lambda down, g, u: lean_backward._swiglu_down_from_inputs(down)(g, u, down.trainable_parameters())  # noqa: E731
+    swiglu = swiglu_cpu if variant == "cpu" else swiglu_from_inputs
+    ours = swiglu_down if variant == "cpu" else swiglu_down_gpu_variant
+
+    def plain(down, gate, up):
+        return down(swiglu(gate, up))
 
     def peak(mlp, depth):
         downs = [lora_down(hidden, intermediate) for _ in range(depth)]
