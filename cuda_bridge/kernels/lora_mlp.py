@@ -11,8 +11,8 @@ wide arrays), and its backward makes dh, d_gate and d_up. This Function keeps x,
 is made again) and runs its backward in those two and one new intermediate-wide buffer:
 
     dh   = dy W_d + s_d (dy B_d^T) A_d^T                 into a new buffer
-    h, d_gate, d_up  from dh, gate, up                   one elementwise kernel, in place: h over
-                                                         dh, d_gate over gate, d_up over up
+    h, d_gate, d_up  from dh, gate, up                   swiglu's backward kernel, in place: h
+                                                         over dh, d_gate over gate, d_up over up
     dA_d = h^T (s_d dy B_d^T),   dB_d = s_d (h A_d)^T dy
     dx   = d_gate W_g + d_up W_u + s_g (d_gate B_g^T) A_g^T + s_u (d_up B_u^T) A_u^T
     dA_g = x^T (s_g d_gate B_g^T),   dB_g = s_g (x A_g)^T d_gate        (and the same for up)
@@ -38,30 +38,13 @@ from cuda_bridge.kernels.swiglu import _GELU_TANH, _SILU, _SQRT_2_OVER_PI
 
 try:  # Triton is optional: without it the module-by-module MLP runs.
     import triton
-    import triton.language as tl
 
-    from cuda_bridge.kernels.swiglu import _act_and_grad, _glu_fwd
+    from cuda_bridge.kernels.swiglu import _glu_bwd, _glu_fwd
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
 _BLOCK = 1024
 ACTIVATIONS = {"swiglu": _SILU, "geglu": _GELU_TANH}
-
-
-if triton is not None:
-
-    @triton.jit
-    def _glu_bwd_in_place(DH, G, U, n, ACT: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
-        # Reads dh, gate, up; writes h = act(gate) * up over dh, d_gate over gate, d_up over up.
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        act, dact = _act_and_grad(g, ACT, C)
-        tl.store(DH + offs, (act * u).to(DH.dtype.element_ty), mask=mask)
-        tl.store(G + offs, (dh * u * dact).to(G.dtype.element_ty), mask=mask)
-        tl.store(U + offs, (dh * act).to(U.dtype.element_ty), mask=mask)
 
 
 def _glu(gate, up, act):
@@ -73,10 +56,11 @@ def _glu(gate, up, act):
 
 
 def _glu_backward_in_place(dh, gate, up, act):
+    """swiglu's backward kernel writing h over dh, d_gate over gate and d_up over up."""
     n = gate.numel()
     if n:
-        _glu_bwd_in_place[(triton.cdiv(n, _BLOCK),)](dh, gate, up, n, ACT=act, C=_SQRT_2_OVER_PI, BLOCK=_BLOCK,
-                                                     num_warps=4)
+        _glu_bwd[(triton.cdiv(n, _BLOCK),)](dh, gate, up, gate, up, dh, n, ACT=act, C=_SQRT_2_OVER_PI, STORE_Y=True,
+                                            BLOCK=_BLOCK, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- one projection

@@ -70,13 +70,18 @@ if triton is not None:
         tl.store(Y + offs, (act * u).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _glu_bwd(DY, G, U, DG, DU, n, ACT: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
+    def _glu_bwd(DY, G, U, DG, DU, Y, n, ACT: tl.constexpr, C: tl.constexpr, STORE_Y: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        # With STORE_Y also the forward's output y = act(g) * u (kernels.lora_mlp makes it again
+        # here). Every element is loaded before it is stored, so outputs may alias inputs.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
         act, dact = _act_and_grad(g, ACT, C)
+        if STORE_Y:
+            tl.store(Y + offs, (act * u).to(Y.dtype.element_ty), mask=mask)
         tl.store(DG + offs, (dy * u * dact).to(DG.dtype.element_ty), mask=mask)
         tl.store(DU + offs, (dy * act).to(DU.dtype.element_ty), mask=mask)
 
@@ -104,8 +109,8 @@ class GLUFunction(torch.autograd.Function):
         dg, du = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
         if n:
-            _glu_bwd[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, ACT=ctx.act, C=_SQRT_2_OVER_PI,
-                                                BLOCK=_BLOCK, num_warps=4)
+            _glu_bwd[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dg, du, dy, n, ACT=ctx.act, C=_SQRT_2_OVER_PI,
+                                                STORE_Y=False, BLOCK=_BLOCK, num_warps=4)
         return dg, du, None
 
 
