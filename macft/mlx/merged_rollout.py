@@ -25,9 +25,10 @@ on the CPU the arithmetic, not the launches, sets the pace. The host's work per 
 the CPU (``MACFT_MERGED_ROLLOUT=0|1 python scripts/bench_decode_steps.py --max-tokens 32``, SmolLM2
 with LoRA r16 on all seven projections, graph built and not run): 2.27 ms unmerged, 1.33 ms merged
 for the compiled step; 4.3 and 2.6 ms eager (one row). Decoding speed on the CPU is unchanged
-(0.56 and 0.57 steps/s for 16 rows); the GPU figure is not measured yet. Layers left as they are: quantized
-bases (merging needs a dense copy of the base), DoRA, and adapters whose dropout is on (training
-mode; rollouts run in eval mode, where it is off).
+(0.56 and 0.57 steps/s for 16 rows); the GPU figure is not measured yet.
+
+Layers left as they are: quantized bases (merging needs a dense copy of the base), DoRA, and
+adapters whose dropout is on (training mode; rollouts run in eval mode, where it is off).
 """
 
 import os
