@@ -85,7 +85,8 @@ cuda-8b | cuda-8b-4bit)  # issue 13: 8B, batch 1 (one call each: the 16 GB rando
     ;;
 cuda-tests)  # the GPU tests: kernels against their references with time and peak, offload, QLoRA
     export MACFT_BACKEND=cuda MACFT_TEST_TOKENIZER="$PWD/$TOKENIZER"
-    LIMIT=${LIMIT:-540} row cuda-tests python3 -m pytest -q -m gpu tests/cuda_bridge -p no:cacheprovider
+    LIMIT=${LIMIT:-480} row cuda-tests python3 -m pytest -q -m gpu tests/cuda_bridge -p no:cacheprovider
+    LIMIT=60 row cuda-lora-layer python3 scripts/bench_lora_layer.py --rows 8192 --in 2048 --out 8192
     ;;
 *)
     echo "unknown part $PART" >&2
