@@ -83,15 +83,8 @@ class LoRALinear(nn.Module):
         # In x's dtype (the module docstring says why). Without dropout the matmul keeps x itself
         # for lora_a's gradient (the frozen base layer keeps only its weight): one tensor for q, k
         # and v, which share their input, where the float32 cast kept a copy in each.
-        y = self.linear(x)
         xa = self.dropout(x) @ self.lora_a.to(x.dtype)
-        if y.dtype != xa.dtype:
-            return y + self.scale * (xa @ self.lora_b.to(x.dtype))
-        # y + s * (x A) B as one GEMM that adds into y (beta = 1, alpha = s): the scaling and the
-        # sum ride in the matmul's epilogue instead of two passes over the (tokens, out) output,
-        # and its backward hands the output gradient to the base layer as it is.
-        rows = y.reshape(-1, y.shape[-1])
-        return torch.addmm(rows, xa.reshape(-1, xa.shape[-1]), self.lora_b.to(x.dtype), alpha=self.scale).view(y.shape)
+        return add_adapter(self.linear(x), xa, self.lora_b, self.scale)
 
     def _dora_forward(self, x):
         # mlx-lm's DoRALinear, which the MLX core leaves as it is: the branch in float32.
@@ -114,6 +107,17 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return f"r={self.lora_a.shape[1]}, scale={self.scale}, dora={self.use_dora}"
+
+
+def add_adapter(y, xa, lora_b, scale):
+    """y + s (x A) B, given the base output y and x A, in xa's dtype. As one GEMM that adds into y
+    (beta = 1, alpha = s): the scaling and the sum ride in the matmul's epilogue instead of two
+    passes over the (tokens, out) output, and its backward hands the output gradient to the base
+    layer as it is."""
+    if y.dtype != xa.dtype:
+        return y + scale * (xa @ lora_b.to(xa.dtype))
+    rows = y.reshape(-1, y.shape[-1])
+    return torch.addmm(rows, xa.reshape(-1, xa.shape[-1]), lora_b.to(xa.dtype), alpha=scale).view(y.shape)
 
 
 def _device_of(module):

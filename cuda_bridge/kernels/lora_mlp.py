@@ -35,6 +35,7 @@ import torch
 
 from cuda_bridge.kernels.dispatch import use_triton
 from cuda_bridge.kernels.swiglu import _GELU_TANH, _SILU, _SQRT_2_OVER_PI
+from cuda_bridge.lora import add_adapter
 
 try:  # Triton is optional: without it the module-by-module MLP runs.
     import triton
@@ -79,7 +80,7 @@ def _project(base, a, b, scale, x2):
     if a is None:
         return y, None
     xa = x2 @ a.to(x2.dtype)
-    return torch.addmm(y, xa, b.to(x2.dtype), alpha=scale), xa
+    return add_adapter(y, xa, b, scale), xa
 
 
 def _base_input_grad(base, grad):

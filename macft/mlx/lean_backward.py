@@ -105,9 +105,9 @@ def swiglu_down(down, gate, up):
     the backward makes h again from what the SwiGLU gradient keeps anyway (gate and up; on the CPU
     the sigmoid too, as ``swiglu_cpu``) and differentiates ``down`` at it. Falls back to the
     plain composition when down trains nothing (a frozen layer keeps only its weight) or has
-    active dropout (its mask could not be made again)."""
+    dropout drawing masks (one could not be made again)."""
     params = down.trainable_parameters()
-    if not tree_flatten(params) or _has_dropout(down):
+    if not tree_flatten(params) or has_active_dropout(down):
         return down(_swiglu(gate, up))
     if mx.default_device() == mx.cpu:
         sigmoid = mx.stop_gradient(mx.sigmoid(gate))  # its share of the gradient is in gate's
@@ -175,8 +175,9 @@ def _down_vjp(down, params, h, cotangent):
     return d_h, tree_unflatten(list(zip(names, d_values)))
 
 
-def _has_dropout(module) -> bool:
-    return any(isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in module.named_modules())
+def has_active_dropout(module) -> bool:
+    """Whether ``module`` holds a dropout that draws a mask now (p > 0, training mode)."""
+    return any(isinstance(m, nn.Dropout) and m.training and m._p_1 < 1 for _, m in module.named_modules())
 
 
 def lean_mlp_call(self, x):

@@ -38,6 +38,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
+from macft.mlx.lean_backward import has_active_dropout
+
 
 class MergedLoRALinear(LoRALinear):
     """A LoRALinear that, for now, computes with its merged weight (``lora_merged``)."""
@@ -56,10 +58,8 @@ def merged_rollout_applies() -> bool:
 def mergeable(module) -> bool:
     """A plain LoRA layer (mlx-lm's or the input-dtype variant) on a float nn.Linear whose dropout,
     if any, is off (rollouts run in eval mode)."""
-    dropout = getattr(module, "dropout", None)
-    active_dropout = isinstance(dropout, nn.Dropout) and dropout.training and dropout._p_1 < 1
     return (isinstance(module, LoRALinear) and not isinstance(module, MergedLoRALinear)
-            and type(module.linear) is nn.Linear and not active_dropout)
+            and type(module.linear) is nn.Linear and not has_active_dropout(module))
 
 
 def fits(extra_bytes: int) -> bool:

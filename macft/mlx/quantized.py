@@ -36,23 +36,24 @@ def min_rows_to_dequantize() -> float:
     return float("inf") if rows is None else rows
 
 
+def _dense_weight(layer, after):
+    """The quantized ``layer``'s weight dequantized, tied to ``after`` so that MLX dequantizes right
+    before the matmul: left free, the weight depends on nothing computed and every layer's copy
+    could be made at the start of a pass."""
+    return mx.dequantize(mx.depends(layer.weight, after), layer.scales, layer.get("biases"),
+                         group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+
+
 def _dequantized_matmul(x, layer):
     """x @ W.T for the quantized weight W of ``layer``, W dequantized in the forward and again in
     the backward. W is frozen: the gradient flows to x only."""
-    def dense_weight(after):
-        # Tied to ``after`` so that MLX dequantizes right before the matmul: left free, the weight
-        # depends on nothing computed and every layer's copy could be made at the start of a pass.
-        weight = mx.depends(layer.weight, after)
-        return mx.dequantize(weight, layer.scales, layer.get("biases"), group_size=layer.group_size,
-                             bits=layer.bits, mode=layer.mode).astype(x.dtype)
-
     @mx.custom_function
     def matmul(x):
-        return x @ dense_weight(x).T
+        return x @ _dense_weight(layer, x).astype(x.dtype).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):
-        return (cotangent @ dense_weight(cotangent),)
+        return (cotangent @ _dense_weight(layer, cotangent).astype(x.dtype),)
 
     return matmul(x)
 
@@ -98,8 +99,7 @@ def with_one_dense_weight(head, after):
     owner = getattr(head, "__self__", head)
     if not isinstance(owner, (DequantizingLinear, DequantizingEmbedding)) or min_rows_to_dequantize() == float("inf"):
         return head
-    weight = mx.dequantize(mx.depends(owner.weight, after), owner.scales, owner.get("biases"),
-                           group_size=owner.group_size, bits=owner.bits, mode=owner.mode)
+    weight = _dense_weight(owner, after)
     bias = owner.get("bias") if isinstance(owner, DequantizingLinear) else None
 
     def dense(x):

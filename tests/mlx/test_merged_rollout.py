@@ -3,6 +3,8 @@ tokens as the unmerged model (float32), the same logits within bf16 rounding in 
 exactly as before afterwards (classes, parameters, loss), restored after an error, and the layers
 that cannot merge (a quantized base, DoRA) left as they are; dropout merges in eval mode only."""
 
+from contextlib import contextmanager
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -21,18 +23,11 @@ def sample(model, merged, compiled, monkeypatch, **settings):
     counts = []
     merge = merged_rollout.lora_merged
 
+    @contextmanager
     def spy(model):
-        context = merge(model)
-
-        class Counting:
-            def __enter__(self):
-                counts.append(context.__enter__())
-                return counts[-1]
-
-            def __exit__(self, *exc):
-                return context.__exit__(*exc)
-
-        return Counting()
+        with merge(model) as merged:
+            counts.append(merged)
+            yield merged
 
     monkeypatch.setattr(sampling, "lora_merged", spy)
     rollout = sampling.sample_completions(model, PROMPTS, **settings)
