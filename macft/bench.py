@@ -31,9 +31,14 @@ _FILLER = ("The quick brown fox jumps over the lazy dog while the committee revi
 
 
 def bench_texts(tokenizer, num_rows: int, seq_len: int) -> list[str]:
-    """Texts of at least ``seq_len`` tokens (both trainers then truncate to exactly seq_len)."""
-    base = _FILLER * (1 + seq_len // max(1, len(tokenizer.encode(_FILLER))))
-    return [f"Sample {i}. {base}" for i in range(num_rows)]
+    """Texts longer than ``seq_len`` tokens, so that every trainer truncates each to exactly seq_len
+    (the width the bench names; a width that is not a multiple of 128 takes slower attention kernels).
+    Counted on the whole text: repeats of the filler tokenize shorter than the filler's count times
+    the repeats (the space at each seam merges into the next word)."""
+    body = _FILLER
+    while len(tokenizer.encode(body)) < seq_len + 16:
+        body += body
+    return [f"Sample {i}. {body}" for i in range(num_rows)]
 
 
 @bench_app.command("sft")
@@ -256,6 +261,7 @@ def run_macft_sft(model_name, workdir: Path, batch_size, seq_len, steps, warmup,
         "peak_memory_gb": max(m["peak_memory_gb"] for m in metrics),
         "loss": [round(m["loss"], 4) for m in metrics],
         "grad_norm": [round(m["grad_norm"], 4) for m in metrics],
+        "step_seconds": [round(m["step_time_s"], 4) for m in metrics],
         "model_path": llm.macft.path,
     }
     if not fixed_length:

@@ -13,7 +13,8 @@ import time
 
 def train_torch_steps(model, batches, warmup: int, learning_rate: float = 1e-4, max_grad_norm: float = 1.0) -> dict:
     """``batches``: (input_ids, loss_mask, real_tokens) per step. Returns tokens/s over the steps
-    after ``warmup``, the peak device memory (GB = 1e9 bytes) and every step's loss and gradient norm."""
+    after ``warmup``, the peak device memory (GB = 1e9 bytes) and every step's loss, gradient norm and
+    time (a slow step after the warm-up shows a recompilation or a slow kernel path)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -39,7 +40,8 @@ def train_torch_steps(model, batches, warmup: int, learning_rate: float = 1e-4, 
     measured = records[warmup:] or records
     return {"tokens_per_sec": sum(r["tokens"] for r in measured) / sum(r["seconds"] for r in measured),
             "peak_memory_gb": peak_memory_bytes() / 1e9, "loss": [round(r["loss"], 4) for r in records],
-            "grad_norm": [round(r["grad_norm"], 4) for r in records]}
+            "grad_norm": [round(r["grad_norm"], 4) for r in records],
+            "step_seconds": [round(r["seconds"], 4) for r in records]}
 
 
 def reset_peak_memory():

@@ -201,3 +201,19 @@ def test_bench_sft_cuda_backend_beside_hf_peft_and_a_missing_unsloth(tmp_path, m
     assert results["ratio_vs_hf_peft"]["first_loss_difference"] < 1e-3
     assert _nonzero_finite(results["macft"]["grad_norm"]) and _nonzero_finite(results["hf_peft"]["grad_norm"])
     assert "no result" in results["unsloth"]["error"] and "unsloth" in results["unsloth"]["log_tail"].lower()
+
+
+@pytest.mark.parametrize("seq_len", [256, 2048])
+def test_bench_rows_fill_the_named_width(smollm2_hf_dir, seq_len):
+    """`bench sft --seq-len N` trains on batches exactly N tokens wide, every token but the first a
+    target (a narrower width would time other attention kernels than the one the bench names)."""
+    import transformers
+
+    from macft.bench import bench_texts
+    from macft.bench_hf import sft_batches
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    rows = [{"text": t} for t in bench_texts(tokenizer, 4, seq_len)]
+    (input_ids, loss_mask), = sft_batches(tokenizer, rows, 4, seq_len, 1)
+    assert input_ids.shape == (4, seq_len)
+    assert loss_mask.sum() == 4 * (seq_len - 1)

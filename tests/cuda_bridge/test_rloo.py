@@ -9,7 +9,7 @@ import pytest
 
 from tests.cuda_bridge.test_online_trainers import (PROMPTS, TARGET, bridge_backend, invoke, policy,  # noqa: F401
                                                     rewarded_dir, steps_of)
-from tests.mlx.test_grpo import recording
+from tests.trainer_recording import recording
 
 
 def sometimes_unscorable(prompts, completions, completion_ids, **kwargs):

@@ -21,6 +21,7 @@ from macft import FastLanguageModel, GRPOConfig, GRPOTrainer
 from macft.cli import build_app
 from macft.data import tokenize_prompts
 from macft.rewards import RewardError
+from tests.trainer_recording import recording
 
 REPO = Path(__file__).resolve().parents[2]
 MY_REWARD = REPO / "examples" / "my_reward.py"
@@ -330,26 +331,6 @@ class ScoreLog:
         scores = [None if len(t) % 2 else float(len(t) % 7) + 0.5 * (len(t) % 3) for t in texts]
         self.calls.append(scores)
         return scores
-
-
-def recording(trainer):
-    """Wrap the trainer's micro-batches (the loop's hook) and optimizer steps: yielded rollouts in
-    order, and the micro-batches of each step."""
-    yielded, steps = [], []
-    produce, step_gradients = trainer.micro_batches, trainer.step_gradients
-
-    def micro_batches(*args, **kwargs):
-        for batch in produce(*args, **kwargs):
-            if batch is not None and not any(batch is b for b in yielded):
-                yielded.append(batch)
-            yield batch
-
-    def record_step(micro):
-        steps.append(list(micro))
-        return step_gradients(micro)
-
-    trainer.micro_batches, trainer.step_gradients = micro_batches, record_step
-    return yielded, steps
 
 
 def test_unscorable_completions_get_advantage_zero_and_stay_out_of_the_group_statistics(tiny_model_dir, tmp_path):

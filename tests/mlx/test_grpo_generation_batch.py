@@ -11,7 +11,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from macft import GRPOConfig, GRPOTrainer
 from macft.config import ConfigError
-from tests.mlx.test_grpo import MY_REWARD, PROMPTS, arith_dir, invoke, parity_reward, recording, tiny_policy  # noqa: F401
+from tests.mlx.test_grpo import MY_REWARD, PROMPTS, arith_dir, invoke, parity_reward, tiny_policy  # noqa: F401
+from tests.trainer_recording import recording
 
 
 def trainer_for(model, tokenizer, path, preset=None, rows=PROMPTS, reward_funcs=parity_reward, **config):
