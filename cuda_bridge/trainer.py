@@ -11,7 +11,9 @@ The update is the MLX core's, so that one script trains the same way on both mac
   share_i = batch_weight_i / sum_j batch_weight_j (token-weighted for SFT), as on MLX.
 - Clipping: g <- g * min(max_grad_norm / (||g|| + 1e-6), 1), ||g|| the global norm (summed in
   float64 here, ``sum_of_squares``; MLX sums in float32, the same to float32's precision).
-- AdamW is MLX's ``optim.AdamW`` (mlx-lm's optimizer), which has no bias correction:
+- AdamW is MLX's ``optim.AdamW``. With bias correction (``config.adam_bias_corrected()``: TRL's
+  default ``optim``) that is torch.optim.AdamW's update, which the optimizer here then runs as it
+  is. Without it (mlx-lm-lora's ``--optimizer adam|adamw``):
 
       m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2
       p <- p (1 - lr wd) - lr m / (sqrt(v) + eps)
@@ -61,8 +63,6 @@ from macft.training import TrainingLoop
 OPTIMIZER_STATE = "optimizer.safetensors"
 # Elements per float64 chunk of the gradient norm (128 MB).
 NORM_CHUNK_ELEMENTS = 1 << 24
-# MLX's optim.AdamW default (bias_correction=False), which macft.mlx.trainer uses.
-ADAM_BIAS_CORRECTION = False
 
 
 def model_device(model) -> torch.device:
@@ -71,8 +71,7 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def adam_group_settings(lr: float, eps: float, weight_decay: float, betas, step: int,
-                        bias_correction: bool = ADAM_BIAS_CORRECTION) -> dict:
+def adam_group_settings(lr: float, eps: float, weight_decay: float, betas, step: int, bias_correction: bool) -> dict:
     """torch.optim.AdamW group settings for optimizer step ``step`` (1-based) that give MLX's
     AdamW update (see the module docstring); with bias correction, the settings as given."""
     if bias_correction:
@@ -309,7 +308,8 @@ class Trainer(TrainingLoop):
         for group in self.optimizer.param_groups:
             if isinstance(self.optimizer, torch.optim.AdamW):
                 group.update(adam_group_settings(learning_rate, self.args.adam_epsilon, self.args.weight_decay,
-                                                 group["betas"], self.optimizer_steps))
+                                                 group["betas"], self.optimizer_steps,
+                                                 self.args.adam_bias_corrected()))
             else:
                 group["lr"] = learning_rate
         self.optimizer.step()

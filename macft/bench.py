@@ -22,7 +22,7 @@ from pathlib import Path
 
 import typer
 
-from macft.bench_options import MODEL_SHAPE_OPTION, TOKENIZER_OPTION, use_backend
+from macft.bench_options import MODEL_SHAPE_OPTION, TOKENIZER_OPTION, peer_optimizer, use_backend
 
 bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Measure training throughput and memory.")
 
@@ -249,7 +249,7 @@ def run_macft_sft(model_name, workdir: Path, batch_size, seq_len, steps, warmup,
     config = SFTConfig(logging_steps=1, seed=3407, output_dir=str(workdir / "macft"), max_length=seq_len, max_steps=total_steps,
                        per_device_train_batch_size=batch_size, learning_rate=1e-4, lr_scheduler_type="constant",
                        eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True, train_on_prompt=fixed_length,
-                       packing=packing)
+                       packing=packing, optim=peer_optimizer())
     trainer = SFTTrainer(model=llm, processing_class=tokenizer, args=config, train_dataset=rows)
     trainer.train()
     metrics = [m for m in trainer.metrics_history if "tokens_per_sec" in m]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import typer
 
-from macft.bench_options import MODEL_SHAPE_OPTION, TOKENIZER_OPTION, use_backend
+from macft.bench_options import MODEL_SHAPE_OPTION, TOKENIZER_OPTION, peer_optimizer, use_backend
 
 # Every pair has the same prompt, so every row has the same prompt length and, with completions
 # longer than the room left, the same total length: seq_len.
@@ -181,7 +181,7 @@ def run_macft_dpo(model_name, workdir: Path, batch_size, seq_len, steps, warmup,
     (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = DPOConfig(logging_steps=1, seed=3407, output_dir=str(workdir / "macft"), max_length=seq_len, max_steps=total_steps,
                        per_device_train_batch_size=batch_size, learning_rate=1e-4, lr_scheduler_type="constant",
-                       beta=beta, eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True)
+                       beta=beta, eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True, optim=peer_optimizer())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*preference pairs were truncated.*")
         examples, _ = tokenize_preference(rows[:1], tokenizer, seq_len, config.max_prompt_length)

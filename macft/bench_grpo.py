@@ -40,7 +40,7 @@ from pathlib import Path
 
 import typer
 
-from macft.bench_options import MODEL_SHAPE_OPTION, TOKENIZER_OPTION, use_backend
+from macft.bench_options import MODEL_SHAPE_OPTION, TOKENIZER_OPTION, peer_optimizer, use_backend
 
 PROMPTS = ["What is 17 + 25? Answer with just the number.", "Name three primary colours.",
            "Write one sentence about the sea.", "What is 9 * 8? Answer with just the number.",
@@ -256,7 +256,7 @@ def run_macft_grpo_steps(model_name, workdir: Path, rows, group_size, num_prompt
     config = GRPOConfig(logging_steps=1, seed=3407, output_dir=str(workdir), max_steps=total_steps, per_device_train_batch_size=num_prompts,
                         num_generations=group_size, max_completion_length=max_tokens, temperature=temperature,
                         loss_type="grpo", epsilon=0.2, beta=0.0, learning_rate=1e-5, lr_scheduler_type="constant",
-                        eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True)
+                        eval_steps=0, eval_batches=0, save_steps=0, disable_tqdm=True, optim=peer_optimizer())
     trainer = GRPOTrainer(model=llm, reward_funcs=length_reward, args=config, train_dataset=rows,
                           processing_class=tokenizer)
     prepare = trainer.prepare

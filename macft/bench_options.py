@@ -17,3 +17,12 @@ def use_backend(backend: str | None):
 
         os.environ["MACFT_BACKEND"] = backend
         current.cache_clear()
+
+
+def peer_optimizer() -> str:
+    """The ``optim`` whose update rule the peers on this backend use, so that the loss curves
+    compare step by step: mlx-lm-lora's MLX AdamW (no bias correction) on mlx, torch's AdamW
+    (HF + PEFT, Unsloth) on cuda."""
+    from macft.backend import current
+
+    return "adamw" if current() == "mlx" else "adamw_torch_fused"

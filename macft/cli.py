@@ -60,6 +60,9 @@ COMMON_FLAGS = (
     Flag("adam_beta1", ("--adam-beta1",), float, 0.9, "Adam's beta1 (YAML: optimizer_config.<name>.betas)."),
     Flag("adam_beta2", ("--adam-beta2",), float, 0.999, "Adam's beta2."),
     Flag("adam_epsilon", ("--adam-epsilon",), float, 1e-8, "Adam's epsilon (YAML: optimizer_config.<name>.eps)."),
+    Flag("adam_bias_correction", ("--adam-bias-correction",), bool, False,
+         "Bias-correct Adam's moments, as torch does (MLX's bias_correction, off as in mlx-lm-lora; "
+         "YAML: optimizer_config.<name>.bias_correction)."),
     Flag("warmup_steps", ("--warmup-steps",), int, 0, "Linear warm-up steps."),
     Flag("weight_decay", ("--weight-decay",), float, None, "Weight decay (default: 0 with adam, 0.01 with adamw, as MLX's)."),
     Flag("max_grad_norm", ("--max-grad-norm",), float, 0.0, "Clip the gradient norm (0: off, as mlx-lm-lora)."),
@@ -440,11 +443,12 @@ def optimizer_config_values(config, where: str, optimizer: str) -> dict:
     if not isinstance(config, dict):
         raise CLIError(f"{where}: optimizer_config must map an optimizer name to its settings")
     settings = config.get(optimizer) or {}
-    unknown = sorted(set(settings) - {"weight_decay", "betas", "eps"})
+    unknown = sorted(set(settings) - {"weight_decay", "betas", "eps", "bias_correction"})
     if unknown:
         raise CLIError(f"{where}: optimizer_config.{optimizer}: unsupported key(s) {', '.join(unknown)} "
-                       "(weight_decay, betas, eps are)")
-    values = {"weight_decay": settings.get("weight_decay"), "adam_epsilon": settings.get("eps")}
+                       "(weight_decay, betas, eps, bias_correction are)")
+    values = {"weight_decay": settings.get("weight_decay"), "adam_epsilon": settings.get("eps"),
+              "adam_bias_correction": settings.get("bias_correction")}
     betas = settings.get("betas")
     if betas is not None:
         if not (isinstance(betas, list) and len(betas) == 2):
@@ -759,6 +763,7 @@ def training_config_values(values: dict) -> dict:
         "adam_beta1": values["adam_beta1"],
         "adam_beta2": values["adam_beta2"],
         "adam_epsilon": values["adam_epsilon"],
+        "adam_bias_correction": values["adam_bias_correction"],
         "max_grad_norm": values["max_grad_norm"],
         "per_device_train_batch_size": values["batch_size"],
         "per_device_eval_batch_size": values["batch_size"],

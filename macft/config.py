@@ -34,6 +34,9 @@ LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_
                 "inverse_sqrt", "cosine_with_min_lr")
 # optim values that are AdamW as it runs here; any other runs as AdamW after a warning (or SGD).
 ADAMW_NAMES = ("adamw", "adamw_torch", "adamw_torch_fused", "adam", "adamw_hf", "adamw_apex_fused")
+# mlx-lm-lora's --optimizer names: MLX's Adam / AdamW, whose default update has no bias correction.
+# Every other name is a transformers optimizer, which bias-corrects (torch.optim.AdamW).
+MLX_ADAM_NAMES = ("adam", "adamw")
 
 # Accepted without a warning although macft does not use them: they tune speed, memory layout,
 # logging services or the multi-GPU setup, not what is trained. (bf16/fp16: the weights keep the
@@ -134,6 +137,9 @@ class TrainingConfig(metaclass=_AcceptsTRLSettings):
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch_fused"
+    # Adam's bias correction (m / (1 - b1^t), v / (1 - b2^t)); None: as ``optim`` names it (see
+    # adam_bias_corrected). Without it the first steps are up to 6x longer at the default betas.
+    adam_bias_correction: bool | None = None
 
     # Length of training: max_steps wins when > 0, else num_train_epochs over the data.
     max_steps: int = -1
@@ -227,6 +233,14 @@ class TrainingConfig(metaclass=_AcceptsTRLSettings):
         if name in known:
             return known[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def adam_bias_corrected(self) -> bool:
+        """Whether Adam's moments are bias-corrected: as ``adam_bias_correction`` says, else as in the
+        optimizer ``optim`` names: transformers' AdamW (torch.optim.AdamW, what TRL and Unsloth
+        scripts get) bias-corrects, MLX's Adam / AdamW (mlx-lm-lora's ``--optimizer``) does not."""
+        if self.adam_bias_correction is not None:
+            return bool(self.adam_bias_correction)
+        return self.optim not in MLX_ADAM_NAMES
 
     def unused_settings(self) -> list[str]:
         """What the config cannot apply, one phrase each (empty when everything applies)."""

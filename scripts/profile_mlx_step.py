@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 
 def measure(name, fn, *args, repeat=3, flops=None):
@@ -59,6 +60,41 @@ def matmuls(tokens, hidden, intermediate):
     measure("4-bit dequantize then dy @ W", lambda: dy @ mx.dequantize(wq, scales, biases, group_size=64,
                                                                        bits=4), flops=flops)
     measure("4-bit dequantize alone", lambda: mx.dequantize(wq, scales, biases, group_size=64, bits=4))
+
+
+def decode_matmuls(rows, hidden, intermediate, vocab):
+    """A rollout's decoding step multiplies a few rows by every weight: it is bound by reading the
+    weights, so the figure that matters is the weights' bytes per second (an H200 reads ~4.8 TB/s)."""
+    x = mx.random.normal((rows, hidden)).astype(mx.bfloat16)
+    h = mx.random.normal((rows, intermediate)).astype(mx.bfloat16)
+    for name, inputs, shape in (("MLP up", x, (intermediate, hidden)), ("MLP down", h, (hidden, intermediate)),
+                                ("output head", x, (vocab, hidden))):
+        w = (mx.random.normal(shape) * 0.02).astype(mx.bfloat16)
+        mx.eval(w)
+        seconds = measure(f"decode matmul {name} ({rows} rows, {shape[1]} -> {shape[0]})",
+                          lambda: inputs @ w.T, repeat=20)
+        print(f"{'':<58} {w.nbytes / seconds / 1e9:9.0f} GB/s of weights", flush=True)
+
+
+def decode_steps(model, rows, prompt_len=64, steps=32):
+    """Eager decoding steps of the whole model at ``rows`` streams (KV cache, no sampling): the time
+    per step against the weights' bytes, which bound it from below."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    token = mx.zeros((rows, prompt_len), dtype=mx.int32)
+    mx.eval(model(token, cache=cache))
+    token = token[:, -1:]
+    started = time.perf_counter()
+    for _ in range(steps):
+        logits = model(token, cache=cache)
+        token = mx.argmax(logits[:, -1:, :], axis=-1).astype(mx.int32)
+        mx.async_eval(token)
+    mx.eval(token)
+    seconds = (time.perf_counter() - started) / steps
+    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    print(f"{f'decode step, whole model, {rows} streams (eager)':<58} {seconds * 1e3:9.2f} ms  "
+          f"{rows / seconds:8.0f} tokens/s  {weight_bytes / seconds / 1e9:6.0f} GB/s of weights", flush=True)
 
 
 def attention(batch, seq_len, heads, kv_heads, head_dim):
@@ -184,9 +220,10 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--load-in-4bit", action="store_true")
-    parser.add_argument("--only", default="matmul,attention,block,model",
-                        help="Comma-separated parts: matmul, attention, block, model (every head, compiled or not, "
-                             "checkpointed), step (the compiled chunked step only).")
+    parser.add_argument("--only", default="matmul,attention,decode,block,model",
+                        help="Comma-separated parts: matmul, attention, decode (a rollout's matmuls and steps at 16 "
+                             "streams), block, model (every head, compiled or not, checkpointed), step (the "
+                             "compiled chunked step only).")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     print(f"device {mx.default_device()}, mlx {mx.__version__}", flush=True)
@@ -195,7 +232,9 @@ def main():
         matmuls(tokens, 2048, 8192)
     if "attention" in parts:
         attention(args.batch_size, args.seq_len, 32, 8, 64)
-    if parts & {"block", "model", "step"}:
+    if "decode" in parts:
+        decode_matmuls(16, 2048, 8192, 128256)
+    if parts & {"block", "model", "step", "decode"}:
         with tempfile.TemporaryDirectory() as tmp:
             directory = args.model
             if directory is None:
@@ -203,6 +242,8 @@ def main():
 
                 directory = build_shape_dir(args.shape, Path(tmp) / "model", tokenizer_dir=args.tokenizer)
             model = load_model(args, directory)
+            if "decode" in parts:
+                decode_steps(model, 16)
             if "block" in parts:
                 one_block(args, model)
             if parts & {"model", "step"}:

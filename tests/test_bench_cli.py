@@ -4,6 +4,7 @@ peer venv), and the parser of mlx-lm-lora's report lines on logs captured from m
 import json
 import math
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -199,6 +200,8 @@ def test_bench_sft_cuda_backend_beside_hf_peft_and_a_missing_unsloth(tmp_path, m
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())
     assert results["ratio_vs_hf_peft"]["first_loss_difference"] < 1e-3
+    # Every step, not only the first: the same AdamW (torch's, bias-corrected) on the same batches.
+    np.testing.assert_allclose(results["macft"]["loss"], results["hf_peft"]["loss"], atol=1e-3)
     assert _nonzero_finite(results["macft"]["grad_norm"]) and _nonzero_finite(results["hf_peft"]["grad_norm"])
     assert "no result" in results["unsloth"]["error"] and "unsloth" in results["unsloth"]["log_tail"].lower()
 

@@ -148,7 +148,7 @@ def test_macft_sft_defaults_reach_the_config(tiny_model_dir, tmp_path):
     assert "macft sft:" in result.output and "learning_rate=1e-05" in result.output
     config = run_config(out)
     expected = {"learning_rate": 1e-5, "per_device_train_batch_size": 1, "seed": 0, "optim": "adam",
-                "weight_decay": 0.0, "max_grad_norm": 0.0, "logging_steps": 10, "eval_steps": 200,
+                "adam_bias_correction": False, "weight_decay": 0.0, "max_grad_norm": 0.0, "logging_steps": 10, "eval_steps": 200,
                 "save_steps": 100, "eval_batches": 25, "max_length": 2048, "train_on_prompt": False,
                 "lr_scheduler_type": "constant", "warmup_steps": 0, "gradient_checkpointing": False, "max_steps": 1}
     assert {k: config[k] for k in expected} == expected
@@ -196,6 +196,10 @@ lr_schedule:
   name: cosine_decay
   warmup: 1
   arguments: [2e-4, 1, 0.0]
+optimizer_config:
+  adamw:
+    betas: [0.9, 0.98]
+    bias_correction: true
 wandb: null
 """)
     proc = subprocess.run([sys.executable, "-m", "macft.train", "-c", str(cfg)], capture_output=True, text=True,
@@ -204,6 +208,7 @@ wandb: null
     config = run_config(out)
     assert config["learning_rate"] == 2e-4 and config["lr_scheduler_type"] == "cosine"
     assert config["warmup_steps"] == 1 and config["optim"] == "adamw" and config["weight_decay"] == 0.01
+    assert config["adam_beta2"] == 0.98 and config["adam_bias_correction"] is True
     assert config["seed"] == 7 and config["per_device_train_batch_size"] == 2 and config["max_steps"] == 2
     assert config["dataset_columns"] == {"text": "content"}
     assert config["train_on_prompt"] is True  # mask_prompt defaults to False in mlx-lm-lora

@@ -106,7 +106,7 @@ class Trainer(TrainingLoop):
         if a.optim == "sgd":
             return optim.SGD(learning_rate=a.learning_rate)
         return optim.AdamW(learning_rate=a.learning_rate, betas=[a.adam_beta1, a.adam_beta2], eps=a.adam_epsilon,
-                           weight_decay=a.weight_decay)
+                           weight_decay=a.weight_decay, bias_correction=a.adam_bias_corrected())
 
     def begin_training(self):
         if not tree_flatten(self.model.trainable_parameters()):

@@ -268,12 +268,11 @@ def test_ppo_raises_a_toy_reward_and_its_value_model_learns(tiny_model_dir, tmp_
     favoured = favoured_tokens(model)
     favoured_set = set(favoured.tolist())
 
-    def favoured_tokens_reward(prompts, completions, completion_ids=None, **columns):
-        return [float(sum(t in favoured_set for t in tokenizer.encode(c, add_special_tokens=False)))
-                for c in completions]
+    def favoured_tokens_reward(prompts, completions, completion_ids, **columns):
+        return [float(sum(t in favoured_set for t in ids)) for ids in completion_ids]
 
     config = PPOConfig(logging_steps=1, output_dir=str(tmp_path / "ppo"), max_steps=12, per_device_train_batch_size=16,
-                       num_mini_batches=1, num_ppo_epochs=4, learning_rate=5e-3, lr_scheduler_type="constant",
+                       num_mini_batches=1, num_ppo_epochs=4, learning_rate=2e-2, lr_scheduler_type="constant",
                        disable_tqdm=True, response_length=3, temperature=0.25, kl_coef=0.02)
     rows = [{"prompt": f"Say something {i}."} for i in range(64)]
     trainer = PPOTrainer(model=model, processing_class=tokenizer, args=config, train_dataset=rows,

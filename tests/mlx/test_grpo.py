@@ -109,7 +109,7 @@ def test_shared_prompt_log_probs_equal_whole_sequences(tiny_model_dir, arch):
 
 def test_the_rewarded_token_becomes_more_frequent(tiny_model_dir, tmp_path):
     model, tokenizer = tiny_policy(tiny_model_dir, boost_to=0.1)
-    metrics_trainer = grpo(model, tokenizer, tmp_path, max_steps=10, num_generations=8, learning_rate=5e-4)
+    metrics_trainer = grpo(model, tokenizer, tmp_path, max_steps=10, num_generations=8, learning_rate=3e-3)
     metrics_trainer.train()
     metrics = metrics_trainer.metrics_history
     steps = [m for m in metrics if "loss" in m]
@@ -537,12 +537,12 @@ def test_bench_grpo_times_batched_and_sequential_rollouts(tiny_model_dir, tmp_pa
 def test_smollm2_learns_arithmetic_with_my_reward(smollm2_mlx_dir, tmp_path):
     """GRPO with examples/my_reward.py on examples/data/arith: one prompt x 8 completions of up to
     12 tokens per step, 30 steps (about 2 minutes on 2 CPU cores). Measured with these settings,
-    seeds 0 and 1: mean reward of the first 10 steps 0.24 / 0.43, of the last 10 0.82 / 0.89; its
-    correctness part 0.09 / 0.28 -> 0.56 / 0.64 (the model learns to write "a + b = c" and get c right)."""
+    seeds 0 and 1: mean reward of the first 10 steps 0.08 / 0.04, of the last 10 0.67 / 0.56; its
+    correctness part 0.04 / 0.00 -> 0.43 / 0.31 (the model learns to write "a + b = c" and get c right)."""
     model, tokenizer = FastLanguageModel.from_pretrained(str(smollm2_mlx_dir))
     FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, num_layers=16, use_gradient_checkpointing=False)
     args = GRPOConfig(logging_steps=1, output_dir=str(tmp_path / "run"), max_steps=30, per_device_train_batch_size=1,
-                      num_generations=8, max_completion_length=12, learning_rate=5e-5, lr_scheduler_type="constant",
+                      num_generations=8, max_completion_length=12, learning_rate=4e-4, lr_scheduler_type="constant",
                       temperature=1.0, eval_batches=0, disable_tqdm=True, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=str(MY_REWARD), args=args,
                           train_dataset=str(REPO / "examples/data/arith"), processing_class=tokenizer)

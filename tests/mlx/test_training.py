@@ -2,6 +2,7 @@
 QLoRA on a 4-bit base, and what it writes loads in mlx-lm with the same outputs."""
 
 import json
+import types
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,7 +46,7 @@ def test_trains_and_reloads_in_mlx_lm(tiny_model_dir, tmp_path, arch, train_type
     model, tokenizer = FastLanguageModel.from_pretrained(str(base), full_finetuning=train_type == "full")
     if train_type != "full":
         FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_dora=train_type == "dora")
-    _, metrics = train(model, tokenizer, tmp_path, lr=3e-3 if train_type == "full" else 5e-2)
+    _, metrics = train(model, tokenizer, tmp_path, lr=3e-3 if train_type == "full" else 2e-1)
     losses = [m["loss"] for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     assert learned(losses), losses
@@ -102,6 +103,45 @@ def test_rslora_scale_and_target_modules(tiny_model_dir):
     trainable = {name for name, _ in tree_flatten(model.trainable_parameters())}
     assert trainable == {f"model.layers.{i}.self_attn.{p}.{w}" for i in range(2) for p in ("q_proj", "v_proj")
                          for w in ("lora_a", "lora_b")}
+
+
+def test_adamw_steps_as_torch_for_trl_names_and_as_mlx_lm_lora_for_its_own():
+    """optim='adamw_torch_fused' (TRL's default, what TRL / Unsloth scripts get) moves a weight as
+    torch.optim.AdamW does over five steps (bias-corrected moments); optim='adamw' (mlx-lm-lora's
+    --optimizer) as MLX's optim.AdamW as mlx-lm-lora builds it (no bias correction: up to 6x longer
+    first steps); adam_bias_correction=True makes the second the first."""
+    import mlx.optimizers as optim
+    import torch
+
+    from macft.mlx.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((3, 4)).astype(np.float32)
+    grads = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(5)]
+    settings = dict(learning_rate=1e-2, weight_decay=0.1, adam_beta2=0.99)
+
+    def steps(optimizer):
+        params = {"w": mx.array(start)}
+        for g in grads:
+            params = optimizer.apply_gradients({"w": mx.array(g)}, params)
+        return np.array(params["w"])
+
+    def macft(**config):
+        return steps(Trainer.make_optimizer(types.SimpleNamespace(args=SFTConfig(**settings, **config))))
+
+    weight = torch.tensor(start, requires_grad=True)
+    reference = torch.optim.AdamW([weight], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+    for g in grads:
+        weight.grad = torch.tensor(g)
+        reference.step()
+    torch_result = weight.detach().numpy()
+    mlx_lm_lora_result = steps(optim.AdamW(learning_rate=1e-2, weight_decay=0.1, betas=[0.9, 0.99]))
+    assert np.abs(torch_result - mlx_lm_lora_result).max() > 1e-2  # the two rules differ visibly
+
+    np.testing.assert_allclose(macft(), torch_result, atol=1e-6)
+    np.testing.assert_allclose(macft(optim="adamw_torch"), torch_result, atol=1e-6)
+    np.testing.assert_allclose(macft(optim="adamw"), mlx_lm_lora_result, atol=1e-6)
+    np.testing.assert_allclose(macft(optim="adamw", adam_bias_correction=True), torch_result, atol=1e-6)
 
 
 def test_gradient_accumulation_matches_a_larger_batch(tiny_model_dir, tmp_path):
