@@ -59,7 +59,7 @@ TRAINER_STATE = "trainer_state.json"
 _RESUME_FREE_FIELDS = {"output_dir", "overwrite_output_dir", "max_steps", "num_train_epochs", "logging_steps",
                        "eval_steps", "eval_batches", "per_device_eval_batch_size", "save_steps", "save_total_limit",
                        "report_to", "disable_tqdm", "nan_patience", "logging_dir", "dataloader_num_workers",
-                       "use_cpu", "bf16", "fp16", "compile_step", "eval_strategy", "save_strategy",
+                       "use_cpu", "bf16", "fp16", "compile_step", "pace_memory", "eval_strategy", "save_strategy",
                        "logging_first_step", "gradient_checkpointing", "dataset_num_proc", "remove_unused_columns",
                        "eval_on_start", "gradient_accumulation_steps"}
 # Fields that fix the data position and the random streams: a resume that changes them cannot

@@ -35,8 +35,10 @@ CHUNK_ABOVE_BYTES = 1 << 30
 # Bytes of float32 logits per chunk of the kept-logits backward.
 KEPT_LOGITS_CHUNK_BYTES = 8 << 20
 
-# The sequence width the model sees on a GPU is padded up to a multiple of this (see _pad_width).
+# The sequence width the model sees on a GPU is padded up to a multiple of this, and further, by up
+# to FUSED_WIDTH_EXTRA of the tokens, to a width whose attention backward MLX fuses (padded_width).
 WIDTH_MULTIPLE = 32
+FUSED_WIDTH_EXTRA = 1 / 16
 
 # mlx_lm model types whose Model.__call__ is exactly ``head(model.model(inputs))``.
 _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}
@@ -68,7 +70,7 @@ def next_token_logps(model, inputs: mx.array, targets: mx.array, cache=None, tem
     models take them). With ``with_entropy``: (log-probs, entropies (B, L)), the entropy of each
     tempered next-token distribution, without gradient (GRPO's top_entropy_quantile mask)."""
     length = inputs.shape[1]
-    inputs = _pad_width(inputs) if cache is None else inputs
+    inputs = _pad_width(inputs, model) if cache is None else inputs
     head = output_head(model)
     vocabulary = getattr(getattr(model, "args", None), "vocab_size", None) or 0
     small = inputs.shape[0] * length * vocabulary * 4 < CHUNK_ABOVE_BYTES
@@ -103,16 +105,58 @@ def _tempered(logits: mx.array, temperature: float) -> mx.array:
     return logits if temperature == 1.0 else logits / temperature
 
 
-def _pad_width(inputs: mx.array) -> mx.array:
-    """On a GPU, pad the sequence axis to a multiple of ``WIDTH_MULTIPLE`` (the padding comes after
-    every real token, so under causal attention it changes no real position's output).
+def _pad_width(inputs: mx.array, model=None) -> mx.array:
+    """On a GPU, pad the sequence axis to ``padded_width`` (the padding comes after every real token,
+    so under causal attention it changes no real position's output). On the CPU padding would only
+    add work. ``model`` (when the pass is differentiated) names the attention shape to ask MLX about."""
+    if mx.default_device() == mx.cpu:
+        return inputs
+    shape = _attention_shape(model) if model is not None else None
+    fused = None
+    if shape is not None:
+        from macft.mlx.lean_backward import fused_attention_backward
 
-    MLX's fused attention takes such widths; a batch of 2047 or 2049 tokens measured 1.7x slower
-    for the whole step on an H200 than one of 2048. On the CPU padding would only add work."""
-    extra = -inputs.shape[1] % WIDTH_MULTIPLE
-    if extra == 0 or mx.default_device() == mx.cpu:
+        heads, kv_heads, head_dim, dtype = shape
+
+        def fused(width):
+            return fused_attention_backward(heads, kv_heads, width, head_dim, dtype, "causal")
+    extra = padded_width(inputs.shape[1], fused) - inputs.shape[1]
+    if extra == 0:
         return inputs
     return mx.concatenate([inputs, mx.zeros((inputs.shape[0], extra), dtype=inputs.dtype)], axis=1)
+
+
+def padded_width(length: int, fused=None) -> int:
+    """The width a GPU runs ``length`` tokens at: the first multiple of ``WIDTH_MULTIPLE`` at or above
+    it for which ``fused(width)`` says MLX differentiates the attention with a fused kernel, adding at
+    most ``FUSED_WIDTH_EXTRA`` of the tokens; else the first multiple of ``WIDTH_MULTIPLE``.
+
+    MLX's fused attention forward takes any multiple of 32; a batch of 2047 or 2049 tokens measured
+    1.7x slower for the whole step on an H200 than one of 2048. Its CUDA backward is fused only at
+    multiples of 128: on an H200 the compiled 1B step (4 rows) took 203 ms at 2,016 tokens against
+    127 ms at 2,048, and the unfused backward holds (batch, heads, T, T) float32 arrays while it
+    runs (2 GB each at that shape): 32 tokens more a row (1.6%) cost far less. For short rows the
+    attention is a smaller part of the step and the padding a larger one, hence the bound."""
+    first = -(-length // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+    if fused is not None:
+        for width in range(first, int(length * (1 + FUSED_WIDTH_EXTRA)) + 1, WIDTH_MULTIPLE):
+            if fused(width):
+                return width
+    return first
+
+
+def _attention_shape(model):
+    """(heads, kv_heads, head_dim, dtype) of the model's attention, or None where its config does
+    not say (the dtype is the activations', the final norm's weight)."""
+    args = getattr(model, "args", None)
+    heads = getattr(args, "num_attention_heads", None)
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    weight = getattr(norm, "weight", None)
+    if not heads or not isinstance(weight, mx.array):
+        return None
+    kv_heads = getattr(args, "num_key_value_heads", None) or heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    return heads, kv_heads, head_dim, weight.dtype
 
 
 def _logps_from_logits(logits, targets):

@@ -85,9 +85,10 @@ class RLHFLogic:
             eval_strategy=args.eval_strategy, save_strategy=args.save_strategy,
             per_device_eval_batch_size=args.per_device_eval_batch_size, logging_first_step=args.logging_first_step,
             optim=args.optim, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
+            adam_bias_correction=args.adam_bias_correction,
             lr_scheduler_kwargs=args.lr_scheduler_kwargs, dataset_columns=args.dataset_columns,
             strings_as_chat=args.strings_as_chat,
-            nan_patience=args.nan_patience, compile_step=args.compile_step,
+            nan_patience=args.nan_patience, compile_step=args.compile_step, pace_memory=args.pace_memory,
             center_rewards_coefficient=args.reward_center_rewards_coefficient,
             # This run decided already (it resumes, or it refused or replaced an earlier run in
             # output_dir): what a stopped reward stage left without a checkpoint starts over.

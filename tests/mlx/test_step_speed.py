@@ -152,3 +152,26 @@ def test_lora_computes_in_the_input_dtype(tiny_model_dir, tmp_path):
     assert layer(x).dtype == mx.bfloat16
     expected = layer.linear(x) + layer.scale * ((x @ layer.lora_a.astype(mx.bfloat16)) @ layer.lora_b.astype(mx.bfloat16))
     assert mx.array_equal(layer(x), expected).item()
+
+
+def test_gpu_widths_reach_a_fused_attention_backward():
+    from macft.mlx.logps import padded_width
+
+    def fused(width):  # MLX's CUDA backend: a fused attention backward at multiples of 128
+        return width % 128 == 0
+
+    assert [padded_width(n, fused) for n in (2007, 2016, 2048, 2049, 1000, 100)] == [2048, 2048, 2048, 2176, 1024, 128]
+    assert padded_width(520, fused) == 544  # 640 would be 23% more tokens: only the multiple of 32
+    assert [padded_width(n, lambda width: False) for n in (2007, 2049, 520)] == [2016, 2080, 544]
+    assert [padded_width(n) for n in (2007, 2048)] == [2016, 2048]
+
+
+def test_the_attention_shape_asked_about_is_the_models(tiny_model_dir):
+    from macft.mlx.logps import _attention_shape, _pad_width
+
+    model, _ = lora_model(tiny_model_dir("llama"))
+    args = model.args
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    assert _attention_shape(model) == (args.num_attention_heads, args.num_key_value_heads, head_dim, mx.float32)
+    ids = mx.zeros((2, 37), dtype=mx.int32)
+    assert _pad_width(ids, model).shape == (2, 37)  # the CPU pads nothing

@@ -1,0 +1,73 @@
+"""Evaluate a training step's gradient with MLX's memory limit just above what the step needs.
+
+MLX evaluates a graph asynchronously: the host encodes kernels ahead of the device, up to ten
+command buffers in flight, and an array freed by the graph keeps its memory until the device has
+finished every kernel that reads it. In the backward pass, where each block's activations are read
+once and dropped, that run-ahead holds blocks that are already done: the measured peak is the
+step's own need plus whatever the host got ahead by. MLX throttles the host only once the memory
+in use passes its memory limit (``mx.set_memory_limit``), which by default is most of the machine
+(0.8 of an NVIDIA GPU's memory; 1.5x an Apple GPU's recommended working set).
+
+``StepMemory.evaluate`` gives each kind of step (its batch shapes) that limit:
+
+- the first step of a kind is evaluated with the limit at zero, so that the host waits for the
+  device after every command buffer; its peak is then what the step needs (``needed``, above the
+  memory in use before it);
+- every later step of that kind runs with the limit at what is in use before it plus
+  ``needed * (1 + HEADROOM)``: the host runs ahead freely until the step nears its need, and waits
+  for the device there instead of allocating more.
+
+The values are the same either way (the same kernels run in the same order); only when the host
+waits changes. A limit the user set lower (``mx.set_memory_limit``) is kept. Measured on the CPU
+(a Llama-3.2-1B-shaped block stack, 3 blocks, 512 tokens, float32): the compiled gradient's peak
+above the weights 543 MB unpaced, 440 MB probed at limit zero.
+"""
+
+from contextlib import contextmanager
+
+import mlx.core as mx
+
+# How far past a step's measured need the host may run ahead before it waits for the device.
+HEADROOM = 0.1
+
+
+class StepMemory:
+    """Per kind of step: the memory it needed above what was in use before it."""
+
+    def __init__(self):
+        self.needed = {}  # key -> bytes
+        self.peak_before_probes = 0  # a probe resets MLX's peak counter; the run's peak so far
+
+    def peak_memory(self) -> int:
+        """The process's peak memory since ``reset``, probes included."""
+        return max(self.peak_before_probes, mx.get_peak_memory())
+
+    def reset(self):
+        self.peak_before_probes = 0
+        mx.reset_peak_memory()
+
+    def evaluate(self, key, *arrays):
+        """``mx.eval(*arrays)`` for a step of kind ``key`` (hashable), paced as the module says."""
+        in_use = mx.get_active_memory()
+        needed = self.needed.get(key)
+        if needed is None:
+            self.peak_before_probes = self.peak_memory()
+            mx.reset_peak_memory()
+            with _memory_limit(0):
+                mx.eval(*arrays)
+            self.needed[key] = max(0, mx.get_peak_memory() - in_use)
+            return
+        with _memory_limit(in_use + int(needed * (1 + HEADROOM))):
+            mx.eval(*arrays)
+
+
+@contextmanager
+def _memory_limit(limit: int):
+    """MLX's memory limit at ``limit`` bytes (or the one already set, if lower) within the block."""
+    previous = mx.set_memory_limit(limit)
+    if previous < limit:
+        mx.set_memory_limit(previous)
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)
