@@ -3,7 +3,7 @@
 # (under 10 minutes on an H200). Run on the GPU host from the repository root, after staging the
 # kit the part needs (../shared/device/README.md):
 #
-#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-rl
+#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-rl
 #   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests
 #
 # mlx-*: the MLX core on MLX's CUDA backend beside mlx-lm-lora 5.10.2 (issue 12's rows);
@@ -15,7 +15,7 @@
 # echoed. A row that fails or runs past $LIMIT seconds (default 280) does not stop the others.
 set -uo pipefail
 
-PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-rl|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests"}
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-rl|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests"}
 OUT=${OUT:-gpu-figures}
 TOKENIZER=${TOKENIZER:-.device/tok}
 mkdir -p "$OUT"
@@ -54,6 +54,16 @@ mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora token
     row mlx-sft-bf16 "${sft[@]}" --json "$OUT/mlx-sft-bf16.json"
     row mlx-sft-4bit "${sft[@]}" --load-in-4bit --json "$OUT/mlx-sft-4bit.json"
     row mlx-sft-ckpt "${sft[@]}" --grad-checkpoint --json "$OUT/mlx-sft-ckpt.json"
+    ;;
+mlx-levers)  # what two of the MLX step's levers change on their own, each beside its baseline: memory
+    # pacing (bf16, MACFT_PACE_MEMORY=0 against the default, macft only) and the fused-width padding
+    # (an odd width, 2,000 tokens a row, beside mlx-lm-lora)
+    export MACFT_BACKEND=mlx
+    peer_site
+    sft=(python3 -m macft bench sft --backend mlx "${SHAPE[@]}" --batch-size 4 --lora-rank 16 --steps 6 --warmup 3)
+    MACFT_PACE_MEMORY=0 row mlx-sft-bf16-unpaced "${sft[@]}" --seq-len 2048 --json "$OUT/mlx-sft-bf16-unpaced.json"
+    row mlx-sft-bf16-paced "${sft[@]}" --seq-len 2048 --json "$OUT/mlx-sft-bf16-paced.json"
+    row mlx-sft-bf16-2000 "${sft[@]}" --seq-len 2000 --peer-python python3 --json "$OUT/mlx-sft-bf16-2000.json"
     ;;
 mlx-rl)  # issue 12: DPO step; GRPO rollouts (>= 10,000 tokens/s) eager and compiled, and the full step
     export MACFT_BACKEND=mlx
