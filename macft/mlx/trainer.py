@@ -9,6 +9,8 @@ thousands of small kernels. The two halves stay apart so that a step whose loss 
 norm is not finite can still be skipped before any weight moves, with one host sync per step.
 A loss that cannot be traced (one that reads a value on the host, say) runs uncompiled after a
 warning that names the reason; ``compile_step=False`` in the config asks for that up front.
+The gradient is evaluated paced (``macft.mlx.memory_pacing``): MLX's memory limit is held just above
+what a step of its batch shape needs, so that the host's run-ahead does not hold dropped activations.
 """
 
 import functools
@@ -26,8 +28,8 @@ from mlx_lm.tuner.lora import LoRALinear
 from macft.distributed import SINGLE_PROCESS, World, fsdp_enabled
 from macft.errors import TrainingError
 from macft.mlx.lean_backward import keep_less_for_backward
-from macft.mlx.memory_pacing import StepMemory
 from macft.mlx.logps import token_logps as sequence_logps  # noqa: F401  (the trainers' import name)
+from macft.mlx.memory_pacing import StepMemory
 from macft.training import TrainingLoop, TrainingWarning
 
 OPTIMIZER_STATE = "optimizer.safetensors"
