@@ -56,13 +56,13 @@ mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora token
     row mlx-sft-ckpt "${sft[@]}" --grad-checkpoint --json "$OUT/mlx-sft-ckpt.json"
     ;;
 mlx-levers)  # what two of the MLX step's levers change on their own, each beside its baseline: memory
-    # pacing (bf16, MACFT_PACE_MEMORY=0 against the default, macft only) and the fused-width padding
+    # pacing (bf16, MACFT_PACE_MEMORY=1 against the default, macft only) and the fused-width padding
     # (an odd width, 2,000 tokens a row, beside mlx-lm-lora)
     export MACFT_BACKEND=mlx
     peer_site
     sft=(python3 -m macft bench sft --backend mlx "${SHAPE[@]}" --batch-size 4 --lora-rank 16 --steps 6 --warmup 3)
-    MACFT_PACE_MEMORY=0 row mlx-sft-bf16-unpaced "${sft[@]}" --seq-len 2048 --json "$OUT/mlx-sft-bf16-unpaced.json"
-    row mlx-sft-bf16-paced "${sft[@]}" --seq-len 2048 --json "$OUT/mlx-sft-bf16-paced.json"
+    row mlx-sft-bf16-unpaced "${sft[@]}" --seq-len 2048 --json "$OUT/mlx-sft-bf16-unpaced.json"
+    MACFT_PACE_MEMORY=1 row mlx-sft-bf16-paced "${sft[@]}" --seq-len 2048 --json "$OUT/mlx-sft-bf16-paced.json"
     row mlx-sft-bf16-2000 "${sft[@]}" --seq-len 2000 --peer-python python3 --json "$OUT/mlx-sft-bf16-2000.json"
     ;;
 mlx-rl)  # issue 12: DPO step; GRPO rollouts (>= 10,000 tokens/s) eager and compiled, and the full step

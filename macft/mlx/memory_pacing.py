@@ -17,6 +17,10 @@ in use passes its memory limit (``mx.set_memory_limit``), which by default is mo
   ``needed * (1 + HEADROOM)``: the host runs ahead freely until the step nears its need, and waits
   for the device there instead of allocating more.
 
+Off unless asked for (``pace_memory``, ``MACFT_PACE_MEMORY=1``) until a GPU has measured it: on MLX's
+CUDA and Metal backends the memory limit is also the point past which an allocation that misses the
+buffer cache first frees cached buffers, so a paced GPU step may allocate afresh more often.
+
 The values are the same either way (the same kernels run in the same order); only when the host
 waits changes. A limit the user set lower (``mx.set_memory_limit``) is kept. Measured on the
 2-core CPU: a compiled stack of six gated MLP blocks (``tests/mlx/test_memory_pacing.py``) peaked

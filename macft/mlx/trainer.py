@@ -9,8 +9,9 @@ thousands of small kernels. The two halves stay apart so that a step whose loss 
 norm is not finite can still be skipped before any weight moves, with one host sync per step.
 A loss that cannot be traced (one that reads a value on the host, say) runs uncompiled after a
 warning that names the reason; ``compile_step=False`` in the config asks for that up front.
-The gradient is evaluated paced (``macft.mlx.memory_pacing``): MLX's memory limit is held just above
-what a step of its batch shape needs, so that the host's run-ahead does not hold dropped activations.
+With ``pace_memory`` the gradient is evaluated paced (``macft.mlx.memory_pacing``): MLX's memory
+limit held just above what a step of its batch shape needs, so that the host's run-ahead does not
+hold dropped activations.
 """
 
 import functools
@@ -157,11 +158,13 @@ class Trainer(TrainingLoop):
         return StepMemory()
 
     def pacing_enabled(self) -> bool:
-        """``pace_memory`` from the config (``macft.mlx.memory_pacing``); by default on, unless
-        ``MACFT_PACE_MEMORY=0`` (the benches' way to compare)."""
+        """``pace_memory`` from the config (``macft.mlx.memory_pacing``); by default off unless
+        ``MACFT_PACE_MEMORY=1`` (the benches' way to compare) until a GPU has measured it: MLX's
+        memory limit is also where its allocator starts freeing cached buffers, which a GPU may pay
+        for in time."""
         wanted = getattr(self.args, "pace_memory", None)
         if wanted is None:
-            return os.environ.get("MACFT_PACE_MEMORY", "").strip().lower() not in ("0", "false", "no", "off")
+            return os.environ.get("MACFT_PACE_MEMORY", "").strip().lower() in ("1", "true", "yes", "on")
         return bool(wanted)
 
     def _evaluate(self, batch, *arrays):

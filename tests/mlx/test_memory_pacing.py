@@ -89,10 +89,10 @@ def test_a_lower_limit_the_user_set_is_kept(memory_limit):
 
 def test_a_paced_run_trains_exactly_as_an_unpaced_one(tiny_model_dir, tmp_path, monkeypatch):
     path = tiny_model_dir("llama")
-    monkeypatch.setenv("MACFT_PACE_MEMORY", "0")
+    monkeypatch.delenv("MACFT_PACE_MEMORY", raising=False)
     plain = sft_curve(path, tmp_path / "plain", True)
     accumulated_plain = sft_curve(path, tmp_path / "accumulated-plain", True, accumulation=2)
-    monkeypatch.delenv("MACFT_PACE_MEMORY")
+    monkeypatch.setenv("MACFT_PACE_MEMORY", "1")
     assert sft_curve(path, tmp_path / "paced", True) == plain
     assert sft_curve(path, tmp_path / "accumulated", True, accumulation=2) == accumulated_plain
     assert plain[-1][0] < plain[0][0]
