@@ -3,7 +3,7 @@
 # (under 10 minutes on an H200). Run on the GPU host from the repository root, after staging the
 # kit the part needs (../shared/device/README.md):
 #
-#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-rl
+#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-rl|mlx-grpo-step
 #   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests
 #
 # mlx-*: the MLX core on MLX's CUDA backend beside mlx-lm-lora 5.10.2 (issue 12's rows);
@@ -15,7 +15,7 @@
 # echoed. A row that fails or runs past $LIMIT seconds (default 280) does not stop the others.
 set -uo pipefail
 
-PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-rl|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests"}
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-rl|mlx-grpo-step|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests"}
 OUT=${OUT:-gpu-figures}
 TOKENIZER=${TOKENIZER:-.device/tok}
 mkdir -p "$OUT"
@@ -72,8 +72,15 @@ mlx-rl)  # issue 12: DPO step; GRPO rollouts (>= 10,000 tokens/s) eager and comp
         --steps 6 --warmup 3 --peer-python python3 --json "$OUT/mlx-dpo.json"
     grpo=(python3 -m macft bench grpo --backend mlx "${SHAPE[@]}" --num-prompts 2 --group-size 8 --max-tokens 256)
     MACFT_COMPILED_DECODE=0 row mlx-grpo-eager "${grpo[@]}" --json "$OUT/mlx-grpo-eager.json"
-    MACFT_COMPILED_DECODE=1 row mlx-grpo-compiled "${grpo[@]}" --full-step --lora-rank 16 --peer-python python3 \
-        --json "$OUT/mlx-grpo-compiled.json"
+    MACFT_COMPILED_DECODE=1 row mlx-grpo-compiled "${grpo[@]}" --peer-python python3 --json "$OUT/mlx-grpo-compiled.json"
+    ;;
+mlx-grpo-step)  # issue 12: whole GRPO steps (rollout, loss, update) beside mlx-lm-lora's, a call of its own
+    # (the 2026-12-05 lease's row ran past its limit with the rollout comparisons in front of it)
+    export MACFT_BACKEND=mlx
+    peer_site
+    LIMIT=${LIMIT:-560} row mlx-grpo-step python3 -m macft bench grpo --backend mlx "${SHAPE[@]}" --num-prompts 2 \
+        --group-size 8 --max-tokens 256 --repeats 1 --full-step --steps 2 --warmup 1 --lora-rank 16 \
+        --peer-python python3 --json "$OUT/mlx-grpo-step.json"
     ;;
 cuda-1b)  # issue 13: 1B, batch 4: bf16 >= 1.1x Unsloth, 4-bit >= 1.0x, at <= its peak
     export MACFT_BACKEND=cuda
