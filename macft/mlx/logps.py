@@ -108,7 +108,7 @@ def _tempered(logits: mx.array, temperature: float) -> mx.array:
 def _pad_width(inputs: mx.array, model=None) -> mx.array:
     """On a GPU, pad the sequence axis to ``padded_width`` (the padding comes after every real token,
     so under causal attention it changes no real position's output). On the CPU padding would only
-    add work. ``model`` (when the pass is differentiated) names the attention shape to ask MLX about."""
+    add work. ``model`` gives the attention shape to ask MLX about (None: a multiple of 32 only)."""
     if mx.default_device() == mx.cpu:
         return inputs
     shape = _attention_shape(model) if model is not None else None
