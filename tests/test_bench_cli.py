@@ -188,6 +188,9 @@ def test_bench_sft_cuda_backend_beside_hf_peft_and_a_missing_unsloth(tmp_path, m
     from macft.backend import current
 
     monkeypatch.setenv("MACFT_BACKEND", "cuda")
+    # The kernels' plain-torch references: the Triton interpreter took this test from 6 s to 90 s, and
+    # each kernel is tested against its reference on its own (tests/cuda_bridge/kernels).
+    monkeypatch.setenv("MACFT_KERNELS", "reference")
     current.cache_clear()
     out = tmp_path / "bench.json"
     try:
