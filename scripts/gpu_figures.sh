@@ -65,7 +65,7 @@ mlx-levers)  # what two of the MLX step's levers change on their own, each besid
     MACFT_PACE_MEMORY=1 row mlx-sft-bf16-paced "${sft[@]}" --seq-len 2048 --json "$OUT/mlx-sft-bf16-paced.json"
     row mlx-sft-bf16-2000 "${sft[@]}" --seq-len 2000 --peer-python python3 --json "$OUT/mlx-sft-bf16-2000.json"
     ;;
-mlx-rl)  # issue 12: DPO step; GRPO rollouts (>= 10,000 tokens/s) eager and compiled, and the full step
+mlx-rl)  # issue 12: DPO step; GRPO rollouts (>= 10,000 tokens/s) eager and compiled (the full step: mlx-grpo-step)
     export MACFT_BACKEND=mlx
     peer_site
     row mlx-dpo python3 -m macft bench dpo --backend mlx "${SHAPE[@]}" --seq-len 1024 --batch-size 4 --lora-rank 16 \
