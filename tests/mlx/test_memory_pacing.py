@@ -73,9 +73,10 @@ def test_the_probe_measures_the_need_and_later_steps_stay_near_it(memory_limit):
         assert got[0] == expected[0] and all(np.array_equal(a, b) for a, b in zip(got[1], expected[1]))
         del loss, grads
     paced = pacing.peak_memory() - in_use
-    # Measured on the 2-core CPU: 106 MB unpaced, 69 MB needed, 78 MB paced, at the same speed.
+    # Measured on the 2-core CPU: 106 MB unpaced, 69 MB needed, 78 MB paced, at the same speed. (How
+    # far an unpaced step runs ahead depends on the host's speed against the device's; a busy host
+    # may not run ahead at all, so the bound is on the paced step alone.)
     assert paced <= needed * (1 + HEADROOM) + (16 << 20)
-    assert paced < unpaced
 
 
 def test_a_lower_limit_the_user_set_is_kept(memory_limit):
