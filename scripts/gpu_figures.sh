@@ -3,7 +3,7 @@
 # (under 10 minutes on an H200). Run on the GPU host from the repository root, after staging the
 # kit the part needs (../shared/device/README.md):
 #
-#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-rl|mlx-grpo-step
+#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-knobs|mlx-rl|mlx-grpo-step
 #   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests
 #
 # mlx-*: the MLX core on MLX's CUDA backend beside mlx-lm-lora 5.10.2 (issue 12's rows);
@@ -15,7 +15,7 @@
 # echoed. A row that fails or runs past $LIMIT seconds (default 280) does not stop the others.
 set -uo pipefail
 
-PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-rl|mlx-grpo-step|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests"}
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-knobs|mlx-rl|mlx-grpo-step|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests"}
 OUT=${OUT:-gpu-figures}
 TOKENIZER=${TOKENIZER:-.device/tok}
 mkdir -p "$OUT"
@@ -28,7 +28,7 @@ row() {  # row NAME COMMAND...: run it, keep its output, echo its figures
     echo "== $name: $*"
     timeout "${LIMIT:-280}" "$@" >"$OUT/$name.log" 2>&1
     echo "   exit $?"
-    grep -E "tokens/s|ratio|first|peak|grad norm|rror|passed|failed|TFLOP|GB|ms" "$OUT/$name.log" | tail -25
+    grep -E "tokens/s|steps/s|ratio|first|peak|grad norm|rror|passed|failed|TFLOP|GB|ms" "$OUT/$name.log" | tail -25
 }
 
 peer_site() {
@@ -46,7 +46,7 @@ mlx-profile)  # where the step's time and memory go, piece by piece
     MACFT_DEQUANTIZE=0 row mlx-profile-4bit-qmm python3 scripts/profile_mlx_step.py --tokenizer "$TOKENIZER" \
         --only step --load-in-4bit
     ;;
-mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora tokens/s at <= 0.7x its peak
+mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora tokens/s at <= 0.7x its peak; then paced
     export MACFT_BACKEND=mlx
     peer_site
     sft=(python3 -m macft bench sft --backend mlx "${SHAPE[@]}" --seq-len 2048 --batch-size 4 --lora-rank 16
@@ -54,6 +54,11 @@ mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora token
     row mlx-sft-bf16 "${sft[@]}" --json "$OUT/mlx-sft-bf16.json"
     row mlx-sft-4bit "${sft[@]}" --load-in-4bit --json "$OUT/mlx-sft-4bit.json"
     row mlx-sft-ckpt "${sft[@]}" --grad-checkpoint --json "$OUT/mlx-sft-ckpt.json"
+    # the same three with memory pacing, macft alone (the rows above are its baseline)
+    paced=("${sft[@]:0:${#sft[@]}-2}")
+    MACFT_PACE_MEMORY=1 row mlx-sft-bf16-paced "${paced[@]}" --json "$OUT/mlx-sft-bf16-paced.json"
+    MACFT_PACE_MEMORY=1 row mlx-sft-4bit-paced "${paced[@]}" --load-in-4bit --json "$OUT/mlx-sft-4bit-paced.json"
+    MACFT_PACE_MEMORY=1 row mlx-sft-ckpt-paced "${paced[@]}" --grad-checkpoint --json "$OUT/mlx-sft-ckpt-paced.json"
     ;;
 mlx-levers)  # what two of the MLX step's levers change on their own, each beside its baseline: memory
     # pacing (bf16, MACFT_PACE_MEMORY=1 against the default, macft only) and the fused-width padding
@@ -64,6 +69,18 @@ mlx-levers)  # what two of the MLX step's levers change on their own, each besid
     row mlx-sft-bf16-unpaced "${sft[@]}" --seq-len 2048 --json "$OUT/mlx-sft-bf16-unpaced.json"
     MACFT_PACE_MEMORY=1 row mlx-sft-bf16-paced "${sft[@]}" --seq-len 2048 --json "$OUT/mlx-sft-bf16-paced.json"
     row mlx-sft-bf16-2000 "${sft[@]}" --seq-len 2000 --peer-python python3 --json "$OUT/mlx-sft-bf16-2000.json"
+    ;;
+mlx-knobs)  # MLX-CUDA's command buffers: kernels per CUDA graph (MLX_MAX_OPS_PER_BUFFER, default 20), the
+    # graph cache (MLX_CUDA_GRAPH_CACHE_SIZE, default 100, emptied whole when full), graphs off; each on
+    # a rollout's decoding steps and on the compiled training step, macft alone
+    export MACFT_BACKEND=mlx
+    python3 -c "from macft.bench_hf import build_shape_dir as b; b('llama-3.2-1b', '/tmp/knobs-1b', tokenizer_dir='$TOKENIZER')"
+    for knobs in MLX_USE_CUDA_GRAPHS=1 "MLX_MAX_OPS_PER_BUFFER=200 MLX_CUDA_GRAPH_CACHE_SIZE=2000" MLX_USE_CUDA_GRAPHS=0; do
+        tag=$(echo "$knobs" | tr ' =' '_-')
+        row "knobs-decode-$tag" env $knobs python3 scripts/bench_decode_steps.py --model /tmp/knobs-1b --max-tokens 128 \
+            --repeats 1
+        row "knobs-step-$tag" env $knobs python3 scripts/profile_mlx_step.py --model /tmp/knobs-1b --only decode,step
+    done
     ;;
 mlx-rl)  # issue 12: DPO step; GRPO rollouts (>= 10,000 tokens/s) eager and compiled (the full step: mlx-grpo-step)
     export MACFT_BACKEND=mlx

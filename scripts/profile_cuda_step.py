@@ -1,0 +1,71 @@
+"""Where cuda_bridge's SFT step spends its GPU time: torch.profiler over whole training steps.
+
+Trains the bench's model and batches (a random Llama-3.2-1B-shaped model by default, LoRA r16 on
+the seven projections, offloaded gradient checkpointing, as `macft bench sft --backend cuda` runs
+it) for --warmup steps (Triton's autotuning and compilation happen there), then profiles --steps
+more and prints the kernels and operators that took the most GPU time, summed over those steps.
+
+    python scripts/profile_cuda_step.py --tokenizer DIR [--load-in-4bit] [--batch-size 4 --seq-len 2048]
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-shape", default="llama-3.2-1b")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--no-checkpoint", action="store_true", help="no gradient checkpointing")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=40, help="lines of the table")
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from macft import FastLanguageModel, SFTConfig, SFTTrainer
+    from macft.bench import bench_texts
+    from macft.bench_hf import build_shape_dir
+    from macft.bench_options import peer_optimizer
+
+    with tempfile.TemporaryDirectory(prefix="macft-profile-") as tmp:
+        model_dir = build_shape_dir(args.model_shape, Path(tmp) / "model", tokenizer_dir=args.tokenizer)
+        llm, tokenizer = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=args.seq_len,
+                                                           load_in_4bit=args.load_in_4bit)
+        FastLanguageModel.get_peft_model(llm, r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                         use_gradient_checkpointing=False if args.no_checkpoint else "unsloth")
+        rows = [{"text": t} for t in bench_texts(tokenizer, args.batch_size * (args.warmup + args.steps), args.seq_len)]
+
+        def train(steps, first_row):
+            config = SFTConfig(logging_steps=1, seed=3407, output_dir=str(Path(tmp) / f"out{first_row}"), max_length=args.seq_len,
+                               max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
+                               lr_scheduler_type="constant", eval_steps=0, eval_batches=0, save_steps=0,
+                               disable_tqdm=True, train_on_prompt=True, optim=peer_optimizer())
+            part = rows[first_row:first_row + steps * args.batch_size]
+            trainer = SFTTrainer(model=llm, processing_class=tokenizer, args=config, train_dataset=part)
+            trainer.train()
+            return trainer.metrics_history
+
+        warm = train(args.warmup, 0)
+        print("warm-up steps (s):", [round(m["step_time_s"], 4) for m in warm if "step_time_s" in m], flush=True)
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            measured = train(args.steps, args.warmup * args.batch_size)
+            sync()
+        times = [m["step_time_s"] for m in measured if "step_time_s" in m]
+        print("profiled steps (s):", [round(t, 4) for t in times],
+              "peak GB:", max(m["peak_memory_gb"] for m in measured if "peak_memory_gb" in m), flush=True)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+        print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()
