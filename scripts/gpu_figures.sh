@@ -51,14 +51,12 @@ mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora token
     peer_site
     sft=(python3 -m macft bench sft --backend mlx "${SHAPE[@]}" --seq-len 2048 --batch-size 4 --lora-rank 16
          --steps 6 --warmup 3 --peer-python python3)
-    row mlx-sft-bf16 "${sft[@]}" --json "$OUT/mlx-sft-bf16.json"
-    row mlx-sft-4bit "${sft[@]}" --load-in-4bit --json "$OUT/mlx-sft-4bit.json"
-    row mlx-sft-ckpt "${sft[@]}" --grad-checkpoint --json "$OUT/mlx-sft-ckpt.json"
-    # the same three with memory pacing, macft alone (the rows above are its baseline)
-    paced=("${sft[@]:0:${#sft[@]}-2}")
-    MACFT_PACE_MEMORY=1 row mlx-sft-bf16-paced "${paced[@]}" --json "$OUT/mlx-sft-bf16-paced.json"
-    MACFT_PACE_MEMORY=1 row mlx-sft-4bit-paced "${paced[@]}" --load-in-4bit --json "$OUT/mlx-sft-4bit-paced.json"
-    MACFT_PACE_MEMORY=1 row mlx-sft-ckpt-paced "${paced[@]}" --grad-checkpoint --json "$OUT/mlx-sft-ckpt-paced.json"
+    paced=("${sft[@]:0:${#sft[@]}-2}")  # each row again with memory pacing, macft alone
+    for base in bf16 4bit ckpt; do
+        case $base in bf16) flag=() ;; 4bit) flag=(--load-in-4bit) ;; ckpt) flag=(--grad-checkpoint) ;; esac
+        row "mlx-sft-$base" "${sft[@]}" "${flag[@]}" --json "$OUT/mlx-sft-$base.json"
+        MACFT_PACE_MEMORY=1 row "mlx-sft-$base-paced" "${paced[@]}" "${flag[@]}" --json "$OUT/mlx-sft-$base-paced.json"
+    done
     ;;
 mlx-levers)  # what two of the MLX step's levers change on their own, each beside its baseline: memory
     # pacing (bf16, MACFT_PACE_MEMORY=1 against the default, macft only) and the fused-width padding
