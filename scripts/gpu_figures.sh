@@ -52,7 +52,7 @@ mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora token
     sft=(python3 -m macft bench sft --backend mlx "${SHAPE[@]}" --seq-len 2048 --batch-size 4 --lora-rank 16
          --steps 6 --warmup 3 --peer-python python3)
     paced=("${sft[@]:0:${#sft[@]}-2}")  # each row again with memory pacing, macft alone
-    for base in bf16 4bit ckpt; do
+    for base in ${SFT_BASES:-bf16 4bit ckpt}; do  # SFT_BASES: a subset, to split the part over calls
         case $base in bf16) flag=() ;; 4bit) flag=(--load-in-4bit) ;; ckpt) flag=(--grad-checkpoint) ;; esac
         row "mlx-sft-$base" "${sft[@]}" "${flag[@]}" --json "$OUT/mlx-sft-$base.json"
         MACFT_PACE_MEMORY=1 row "mlx-sft-$base-paced" "${paced[@]}" "${flag[@]}" --json "$OUT/mlx-sft-$base-paced.json"
@@ -72,12 +72,14 @@ mlx-knobs)  # MLX-CUDA's command buffers: kernels per CUDA graph (MLX_MAX_OPS_PE
     # graph cache (MLX_CUDA_GRAPH_CACHE_SIZE, default 100, emptied whole when full), graphs off; each on
     # a rollout's decoding steps and on the compiled training step, macft alone
     export MACFT_BACKEND=mlx
-    python3 -c "from macft.bench_hf import build_shape_dir as b; b('llama-3.2-1b', '/tmp/knobs-1b', tokenizer_dir='$TOKENIZER')"
+    [ -f /tmp/knobs-1b/config.json ] ||
+        python3 -c "from macft.bench_hf import build_shape_dir as b; b('llama-3.2-1b', '/tmp/knobs-1b', tokenizer_dir='$TOKENIZER')"
     for knobs in MLX_USE_CUDA_GRAPHS=1 "MLX_MAX_OPS_PER_BUFFER=200 MLX_CUDA_GRAPH_CACHE_SIZE=2000" MLX_USE_CUDA_GRAPHS=0; do
         tag=$(echo "$knobs" | tr ' =' '_-')
         row "knobs-decode-$tag" env $knobs python3 scripts/bench_decode_steps.py --model /tmp/knobs-1b --max-tokens 128 \
             --repeats 1
-        row "knobs-step-$tag" env $knobs python3 scripts/profile_mlx_step.py --model /tmp/knobs-1b --only decode,step
+        [ -n "${KNOBS_DECODE_ONLY:-}" ] ||
+            row "knobs-step-$tag" env $knobs python3 scripts/profile_mlx_step.py --model /tmp/knobs-1b --only decode,step
     done
     ;;
 mlx-rl)  # issue 12: DPO step; GRPO rollouts (>= 10,000 tokens/s) eager and compiled (the full step: mlx-grpo-step)
