@@ -25,6 +25,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rows", type=int, default=40, help="lines of the table")
+    parser.add_argument("--sort", default="cuda_time_total", help="the table's order: cuda_time_total, cpu_time_total, count")
     args = parser.parse_args()
 
     import torch
@@ -63,7 +64,7 @@ def main():
         times = [m["step_time_s"] for m in measured if "step_time_s" in m]
         print("profiled steps (s):", [round(t, 4) for t in times],
               "peak GB:", max(m["peak_memory_gb"] for m in measured if "peak_memory_gb" in m), flush=True)
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+        table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
         print(table, flush=True)
 
 
