@@ -15,7 +15,13 @@ in use passes its memory limit (``mx.set_memory_limit``), which by default is mo
   memory in use before it);
 - every later step of that kind runs with the limit at what is in use before it plus
   ``needed * (1 + HEADROOM)``: the host runs ahead freely until the step nears its need, and waits
-  for the device there instead of allocating more.
+  for the device there instead of allocating more;
+- a new kind that fits inside one already measured (the same arrays, none larger in any
+  dimension) is not probed: it runs under the larger kind's limit. That allows more than it needs
+  (a smaller saving on such steps), never less, and the run's peak is the larger kind's anyway.
+  Real data, whose batches come in many widths, is then probed only when a batch is wider than
+  every one before it: a probe costs time, the host waiting for the device after every command
+  buffer.
 
 Off unless asked for (``pace_memory``, ``MACFT_PACE_MEMORY=1``) until a GPU has measured it: on MLX's
 CUDA and Metal backends the memory limit is also the point past which an allocation that misses the
@@ -54,9 +60,13 @@ class StepMemory:
         mx.reset_peak_memory()
 
     def evaluate(self, key, *arrays):
-        """``mx.eval(*arrays)`` for a step of kind ``key`` (hashable), paced as the module says."""
+        """``mx.eval(*arrays)`` for a step of kind ``key``, paced as the module says. ``key``: the
+        shapes of the step's inputs, a tuple of shape tuples (None for an input that is not an
+        array); any other hashable key is matched only exactly."""
         in_use = mx.get_active_memory()
         needed = self.needed.get(key)
+        if needed is None:
+            needed = self.borrowed_need(key)
         if needed is None:
             self.peak_before_probes = self.peak_memory()
             mx.reset_peak_memory()
@@ -66,6 +76,28 @@ class StepMemory:
             return
         with memory_limit(in_use + int(needed * (1 + HEADROOM))):
             mx.eval(*arrays)
+
+    def borrowed_need(self, key):
+        """The smallest need among the measured kinds of step that ``key`` fits inside; None when
+        there is none."""
+        needs = [needed for known, needed in self.needed.items() if _within(key, known)]
+        return min(needs) if needs else None
+
+
+def _is_shapes(key) -> bool:
+    return isinstance(key, tuple) and all(s is None or isinstance(s, tuple) for s in key)
+
+
+def _within(key, known) -> bool:
+    """Whether every array of ``key`` fits inside its counterpart of ``known``, dimension by dimension."""
+    if not (_is_shapes(key) and _is_shapes(known)) or len(key) != len(known):
+        return False
+    for small, large in zip(key, known):
+        if (small is None) != (large is None):
+            return False
+        if small is not None and (len(small) != len(large) or any(a > b for a, b in zip(small, large))):
+            return False
+    return True
 
 
 @contextmanager

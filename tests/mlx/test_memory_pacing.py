@@ -79,6 +79,30 @@ def test_the_probe_measures_the_need_and_later_steps_stay_near_it(memory_limit):
     assert paced <= needed * (1 + HEADROOM) + (16 << 20)
 
 
+def test_a_step_that_fits_inside_a_measured_one_is_not_probed(memory_limit):
+    pacing = StepMemory()
+    wide, narrow, wider = ((512, 256),), ((256, 256),), ((1024, 256),)
+    pacing.evaluate(wide, *block_stack_gradient(depth=2, tokens=512)())
+    assert set(pacing.needed) == {wide}
+
+    loss, grads = block_stack_gradient(depth=2, tokens=256)()
+    expected = values(loss, grads)
+    loss, grads = block_stack_gradient(depth=2, tokens=256)()
+    pacing.evaluate(narrow, loss, grads)
+    assert set(pacing.needed) == {wide}  # ran under the wide step's limit
+    got = values(loss, grads)
+    assert got[0] == expected[0] and all(np.array_equal(a, b) for a, b in zip(got[1], expected[1]))
+
+    pacing.evaluate(wider, *block_stack_gradient(depth=2, tokens=1024)())
+    pacing.evaluate(((512, 512),), *block_stack_gradient(depth=2, tokens=512)())  # wider in one dimension
+    pacing.evaluate("stack", *block_stack_gradient(depth=2, tokens=256)())  # not shapes: exact matches only
+    assert set(pacing.needed) == {wide, wider, ((512, 512),), "stack"}
+    assert pacing.needed[wider] > pacing.needed[wide]
+    assert pacing.borrowed_need(narrow) == min(pacing.needed[k] for k in (wide, wider, ((512, 512),)))
+    assert pacing.borrowed_need(((256, 256), None)) is None  # other arrays
+    assert mx.set_memory_limit(memory_limit) == memory_limit
+
+
 def test_a_lower_limit_the_user_set_is_kept(memory_limit):
     gradient = block_stack_gradient(depth=2)
     pacing = StepMemory()
