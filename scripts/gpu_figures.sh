@@ -46,7 +46,7 @@ mlx-profile)  # where the step's time and memory go, piece by piece
     MACFT_DEQUANTIZE=0 row mlx-profile-4bit-qmm python3 scripts/profile_mlx_step.py --tokenizer "$TOKENIZER" \
         --only step --load-in-4bit
     ;;
-mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora tokens/s at <= 0.7x its peak; then paced
+mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora tokens/s at <= 0.7x its peak; each row beside its paced twin
     export MACFT_BACKEND=mlx
     peer_site
     sft=(python3 -m macft bench sft --backend mlx "${SHAPE[@]}" --seq-len 2048 --batch-size 4 --lora-rank 16
