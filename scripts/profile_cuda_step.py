@@ -25,7 +25,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rows", type=int, default=40, help="lines of the table")
-    parser.add_argument("--sort", default="cuda_time_total", help="the table's order: cuda_time_total, cpu_time_total, count")
+    parser.add_argument("--sort", default="cuda_time_total",
+                        help="the table's order: cuda_time_total, cpu_time_total, count")
     args = parser.parse_args()
 
     import torch
@@ -42,11 +43,12 @@ def main():
                                                            load_in_4bit=args.load_in_4bit)
         FastLanguageModel.get_peft_model(llm, r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                          use_gradient_checkpointing=False if args.no_checkpoint else "unsloth")
-        rows = [{"text": t} for t in bench_texts(tokenizer, args.batch_size * (args.warmup + args.steps), args.seq_len)]
+        count = args.batch_size * (args.warmup + args.steps)
+        rows = [{"text": t} for t in bench_texts(tokenizer, count, args.seq_len)]
 
         def train(steps, first_row):
-            config = SFTConfig(logging_steps=1, seed=3407, output_dir=str(Path(tmp) / f"out{first_row}"), max_length=args.seq_len,
-                               max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
+            config = SFTConfig(logging_steps=1, seed=3407, output_dir=str(Path(tmp) / f"out{first_row}"),
+                               max_length=args.seq_len, max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
                                lr_scheduler_type="constant", eval_steps=0, eval_batches=0, save_steps=0,
                                disable_tqdm=True, train_on_prompt=True, optim=peer_optimizer())
             part = rows[first_row:first_row + steps * args.batch_size]
