@@ -48,7 +48,8 @@ def main():
 
         def train(steps, first_row):
             config = SFTConfig(logging_steps=1, seed=3407, output_dir=str(Path(tmp) / f"out{first_row}"),
-                               max_length=args.seq_len, max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
+                               max_length=args.seq_len, max_steps=steps,
+                               per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
                                lr_scheduler_type="constant", eval_steps=0, eval_batches=0, save_steps=0,
                                disable_tqdm=True, train_on_prompt=True, optim=peer_optimizer())
             part = rows[first_row:first_row + steps * args.batch_size]
