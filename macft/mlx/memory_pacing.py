@@ -70,11 +70,11 @@ class StepMemory:
         if needed is None:
             self.peak_before_probes = self.peak_memory()
             mx.reset_peak_memory()
-            with memory_limit(0):
+            with _memory_limit(0):
                 mx.eval(*arrays)
             self.needed[key] = max(0, mx.get_peak_memory() - in_use)
             return
-        with memory_limit(in_use + int(needed * (1 + HEADROOM))):
+        with _memory_limit(in_use + int(needed * (1 + HEADROOM))):
             mx.eval(*arrays)
 
     def borrowed_need(self, key):
@@ -101,7 +101,7 @@ def _within(key, known) -> bool:
 
 
 @contextmanager
-def memory_limit(limit: int):
+def _memory_limit(limit: int):
     """MLX's memory limit at ``limit`` bytes (or the one already set, if lower) within the block."""
     previous = mx.set_memory_limit(limit)
     if previous < limit:
