@@ -171,7 +171,8 @@ class TrainingConfig(metaclass=_AcceptsTRLSettings):
     # MLX: compile the training step (mx.compile). None: on where MLX runs on a GPU, off on the CPU.
     compile_step: bool | None = None
     # MLX: hold each step's memory near what it needs (macft.mlx.memory_pacing): MLX's memory limit
-    # is set, per batch shape, just above the first such step's need. None: off (MACFT_PACE_MEMORY=1: on).
+    # is set, per batch shape, just above the first such step's need. None: on where MLX runs on a
+    # GPU, off on the CPU (MACFT_PACE_MEMORY=0|1 overrides that).
     pace_memory: bool | None = None
     # cuda_bridge under torchrun: shard the model with FSDP2 (transformers' name; "full_shard" or
     # True: fully_shard per decoder block). None/False/"": data parallel with whole copies (DDP).

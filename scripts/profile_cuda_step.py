@@ -6,6 +6,8 @@ it) for --warmup steps (Triton's autotuning and compilation happen there), then 
 more and prints the kernels and operators that took the most GPU time, summed over those steps.
 
     python scripts/profile_cuda_step.py --tokenizer DIR [--load-in-4bit] [--batch-size 4 --seq-len 2048]
+
+With --sync-points it lists instead where those steps made the host wait for the GPU.
 """
 
 import argparse
@@ -27,6 +29,8 @@ def main():
     parser.add_argument("--rows", type=int, default=40, help="lines of the table")
     parser.add_argument("--sort", default="cuda_time_total",
                         help="the table's order: cuda_time_total, cpu_time_total, count")
+    parser.add_argument("--sync-points", action="store_true",
+                        help="instead of the profile: where the measured steps make the host wait for the GPU")
     args = parser.parse_args()
 
     import torch
@@ -61,6 +65,9 @@ def main():
         print("warm-up steps (s):", [round(m["step_time_s"], 4) for m in warm if "step_time_s" in m], flush=True)
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         sync()
+        if args.sync_points:
+            print_sync_points(lambda: train(args.steps, args.warmup * args.batch_size), args.rows)
+            return
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             measured = train(args.steps, args.warmup * args.batch_size)
             sync()
@@ -69,6 +76,39 @@ def main():
               "peak GB:", max(m["peak_memory_gb"] for m in measured if "peak_memory_gb" in m), flush=True)
         table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
         print(table, flush=True)
+
+
+def print_sync_points(run, rows: int):
+    """Run ``run()`` with torch's synchronization warnings on and print the Python lines that made
+    the host wait for the GPU (a .item(), a device-to-host copy, a data-dependent shape), with how
+    often each did. A wait inside a step idles the GPU for as long as the host then takes to queue
+    the next kernels."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--sync-points needs a CUDA GPU")
+    counts = collections.Counter()
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/torch/" not in f.filename and "warnings" not in f.filename]
+        counts[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
+
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    print(f"{sum(counts.values())} waits for the GPU, from {len(counts)} places:")
+    for place, count in counts.most_common(rows):
+        print(f"{count:6d}  {place}")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,21 @@ def test_a_paced_run_trains_exactly_as_an_unpaced_one(tiny_model_dir, tmp_path, 
     assert sft_curve(path, tmp_path / "paced", True) == plain
     assert sft_curve(path, tmp_path / "accumulated", True, accumulation=2) == accumulated_plain
     assert plain[-1][0] < plain[0][0]
+
+
+@pytest.mark.parametrize("device, pace_memory, env, expected", [
+    (mx.cpu, None, None, False), (mx.gpu, None, None, True),
+    (mx.gpu, None, "0", False), (mx.cpu, None, "1", True),
+    (mx.gpu, False, "1", False), (mx.cpu, True, "0", True)])
+def test_pacing_is_on_by_default_on_a_gpu(monkeypatch, device, pace_memory, env, expected):
+    from types import SimpleNamespace
+
+    from macft.mlx.trainer import Trainer
+
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(device))
+    if env is None:
+        monkeypatch.delenv("MACFT_PACE_MEMORY", raising=False)
+    else:
+        monkeypatch.setenv("MACFT_PACE_MEMORY", env)
+    trainer = SimpleNamespace(args=SimpleNamespace(pace_memory=pace_memory))
+    assert Trainer.pacing_enabled(trainer) is expected
