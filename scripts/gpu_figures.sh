@@ -3,8 +3,9 @@
 # (under 10 minutes on an H200). Run on the GPU host from the repository root, after staging the
 # kit the part needs (../shared/device/README.md):
 #
-#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-knobs|mlx-rl|mlx-grpo-step
-#   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests
+#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step
+#   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-tests
+#   (cuda-sync needs no kit: the host's torch is enough)
 #
 # mlx-*: the MLX core on MLX's CUDA backend beside mlx-lm-lora 5.10.2 (issue 12's rows);
 # cuda-*: cuda_bridge beside Unsloth (issue 13's rows) and the GPU tests. Every row is one
@@ -15,7 +16,7 @@
 # echoed. A row that fails or runs past $LIMIT seconds (default 280) does not stop the others.
 set -uo pipefail
 
-PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-knobs|mlx-rl|mlx-grpo-step|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-tests"}
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-tests"}
 OUT=${OUT:-gpu-figures}
 TOKENIZER=${TOKENIZER:-.device/tok}
 mkdir -p "$OUT"
@@ -28,7 +29,7 @@ row() {  # row NAME COMMAND...: run it, keep its output, echo its figures
     echo "== $name: $*"
     timeout "${LIMIT:-280}" "$@" >"$OUT/$name.log" 2>&1
     echo "   exit $?"
-    grep -E "tokens/s|steps/s|ratio|first|peak|grad norm|rror|passed|failed|TFLOP|GB|ms" "$OUT/$name.log" | tail -25
+    grep -E "tokens/s|steps/s|ratio|first|peak|grad norm|rror|passed|failed|TFLOP|GB|ms|waits|\.py:" "$OUT/$name.log" | tail -25
 }
 
 peer_site() {
@@ -84,6 +85,21 @@ mlx-knobs)  # MLX-CUDA's command buffers: kernels per CUDA graph (MLX_MAX_OPS_PE
             row "knobs-step-$tag" env $knobs python3 scripts/profile_mlx_step.py --model /tmp/knobs-1b --only decode,step
     done
     ;;
+mlx-graphs)  # MLX-CUDA's graphs on (the default) and off (MLX_USE_CUDA_GRAPHS=0, read once per process), on
+    # the compiled training step and on the GRPO rollout; a warm-up run first, so that neither side's
+    # time holds MLX's kernel compilation (the 2026-12-05 H100 call's graphs-off step ran first, paying
+    # it, and past its limit)
+    export MACFT_BACKEND=mlx
+    [ -f /tmp/knobs-1b/config.json ] ||
+        python3 -c "from macft.bench_hf import build_shape_dir as b; b('llama-3.2-1b', '/tmp/knobs-1b', tokenizer_dir='$TOKENIZER')"
+    LIMIT=150 row graphs-warm-up python3 scripts/profile_mlx_step.py --model /tmp/knobs-1b --only step
+    for graphs in 1 0; do
+        MLX_USE_CUDA_GRAPHS=$graphs LIMIT=120 row "graphs-$graphs-step" python3 scripts/profile_mlx_step.py \
+            --model /tmp/knobs-1b --only step
+        MLX_USE_CUDA_GRAPHS=$graphs LIMIT=120 row "graphs-$graphs-grpo" python3 -m macft bench grpo --backend mlx \
+            --model /tmp/knobs-1b --num-prompts 2 --group-size 8 --max-tokens 256
+    done
+    ;;
 mlx-rl)  # issue 12: DPO step; GRPO rollouts (>= 10,000 tokens/s) eager and compiled (the full step: mlx-grpo-step)
     export MACFT_BACKEND=mlx
     peer_site
@@ -118,6 +134,18 @@ cuda-8b | cuda-8b-4bit)  # issue 13: 8B, batch 1 (one call each: the 16 GB rando
     else
         LIMIT=${LIMIT:-560} row cuda-8b-4bit "${sft[@]}" --load-in-4bit --json "$OUT/cuda-8b-4bit.json"
     fi
+    ;;
+cuda-sync)  # issue 13: why the bridge's 4-bit step idles the GPU (its kernels take a bf16 step's GPU time):
+    # where the host waits for the GPU, and the host's time by operator (no kit needed)
+    export MACFT_BACKEND=cuda
+    for base in 4bit bf16; do
+        flag=()
+        [ "$base" = 4bit ] && flag=(--load-in-4bit)
+        LIMIT=120 row "cuda-sync-$base" python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" "${flag[@]}" \
+            --sync-points --warmup 2
+        LIMIT=120 row "cuda-host-$base" python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" "${flag[@]}" \
+            --sort cpu_time_total --rows 30
+    done
     ;;
 cuda-tests)  # the GPU tests: kernels against their references with time and peak, offload, QLoRA
     export MACFT_BACKEND=cuda MACFT_TEST_TOKENIZER="$PWD/$TOKENIZER"
