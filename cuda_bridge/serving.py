@@ -7,8 +7,9 @@ adapter's factors stacked by slot (macft.serve.adapters), and a batch row with s
     LoRA:  y = W x + b + s_k (x A_k) B_k
     DoRA:  y = g_k * (W x + s_k (x A_k) B_k) + b,   g_k = m_k / ||W + s_k B_k^T A_k^T||_row
 
-with one batched matmul per factor (``torch.bmm`` on the rows' gathered factors), in the same
-arithmetic as cuda_bridge.lora.LoRALinear for that adapter alone.
+with one batched matmul per factor (``torch.bmm`` on the rows' gathered factors): the arithmetic of
+cuda_bridge.lora.LoRALinear for that adapter alone, to float rounding (that layer adds the scaled
+update inside its GEMM, ``torch.addmm``, which a per-row scale cannot).
 
 Batching: each request's whole prompt is prefilled alone into a DynamicCache and its first token
 sampled from the last logits (as cuda_bridge.generate does); the new rows are then left-padded to

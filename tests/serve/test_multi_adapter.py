@@ -153,7 +153,10 @@ def test_torch_multi_adapter_layer_matches_cuda_bridge_lora_layers(tmp_path):
     with torch.no_grad():
         for i, slot in enumerate([2, 0, 1, 2]):
             bank.set_rows([slot])
-            assert torch.equal(model.proj(x[i:i + 1]), refs[slot](x[i:i + 1])), (i, slot)
+            # To float32 rounding, not bit for bit: the training layer adds s (x A) B inside one GEMM
+            # (addmm), whose rounding the BLAS decides (OpenBLAS on AMD EPYC differs in the last bit).
+            torch.testing.assert_close(model.proj(x[i:i + 1]), refs[slot](x[i:i + 1]), rtol=1e-6, atol=1e-6,
+                                       msg=f"row {i}, slot {slot}")
         bank.set_rows([2, 0, 1, 2])
         batch = model.proj(x)
         for i, slot in enumerate([2, 0, 1, 2]):
