@@ -87,13 +87,34 @@ def sum_of_squares(tensors) -> torch.Tensor:
     float64 so that the norm does not depend on how the tensors are split: FSDP sums the squares
     of each rank's shards, data parallelism those of whole tensors, and in float32 the two would
     differ in the last bits, which the clipping scale carries into every weight (and Adam, on
-    the components whose gradient is near zero, far beyond). Large tensors go in chunks, so the
-    float64 copy is never bigger than one chunk (a full fine-tune's embedding gradient would be GBs)."""
+    the components whose gradient is near zero, far beyond). The elements go in flat pieces of at
+    most NORM_CHUNK_ELEMENTS (``_norm_pieces``), so the float64 copy is never bigger than one piece (a
+    full fine-tune's embedding gradient would be GBs)."""
     total = torch.zeros((), dtype=torch.float64)
-    for t in tensors:
-        for chunk in t.reshape(-1).split(NORM_CHUNK_ELEMENTS):
-            total = total.to(chunk.device) + torch.linalg.vector_norm(chunk, dtype=torch.float64).square()
+    for piece in _norm_pieces(tensors):
+        total = total.to(piece.device) + torch.linalg.vector_norm(piece, dtype=torch.float64).square()
     return total
+
+
+def _norm_pieces(tensors):
+    """Every element of ``tensors`` once, in flat pieces of at most NORM_CHUNK_ELEMENTS: a large
+    tensor cut, small ones concatenated. A LoRA model has hundreds of small gradients (224 at 1B
+    with seven projections), and a norm apiece is a few kernels apiece, each launched by the host
+    while the GPU waits for the norm (on the CPU: 4.6 against 0.3 ms for 224 tiny tensors)."""
+    bucket, size = [], 0
+    for t in tensors:
+        flat = t.reshape(-1)
+        if bucket and (flat.device != bucket[0].device or flat.dtype != bucket[0].dtype
+                       or size + flat.numel() > NORM_CHUNK_ELEMENTS):
+            yield torch.cat(bucket) if len(bucket) > 1 else bucket[0]
+            bucket, size = [], 0
+        if flat.numel() >= NORM_CHUNK_ELEMENTS:
+            yield from flat.split(NORM_CHUNK_ELEMENTS)
+        else:
+            bucket.append(flat)
+            size += flat.numel()
+    if bucket:
+        yield torch.cat(bucket) if len(bucket) > 1 else bucket[0]
 
 
 def global_norm(tensors) -> torch.Tensor:

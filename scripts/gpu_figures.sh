@@ -146,6 +146,8 @@ cuda-sync)  # issue 13: why the bridge's 4-bit step idles the GPU (its kernels t
         LIMIT=120 row "cuda-host-$base" python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" "${flag[@]}" \
             --sort cpu_time_total --rows 30
     done
+    # the device-to-device copies (23 ms of a 158 ms bf16 step on the H200), by call site
+    LIMIT=120 row cuda-copies-bf16 python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" --copies --rows 40
     ;;
 cuda-tests)  # the GPU tests: kernels against their references with time and peak, offload, QLoRA
     export MACFT_BACKEND=cuda MACFT_TEST_TOKENIZER="$PWD/$TOKENIZER"

@@ -7,7 +7,8 @@ more and prints the kernels and operators that took the most GPU time, summed ov
 
     python scripts/profile_cuda_step.py --tokenizer DIR [--load-in-4bit] [--batch-size 4 --seq-len 2048]
 
-With --sync-points it lists instead where those steps made the host wait for the GPU.
+With --sync-points it lists instead where those steps made the host wait for the GPU; with
+--copies it adds where the copy operators were called from.
 """
 
 import argparse
@@ -29,6 +30,9 @@ def main():
     parser.add_argument("--rows", type=int, default=40, help="lines of the table")
     parser.add_argument("--sort", default="cuda_time_total",
                         help="the table's order: cuda_time_total, cpu_time_total, count")
+    parser.add_argument("--copies", action="store_true",
+                        help="after the table: the copy operators' GPU time by the Python function or backward "
+                             "node that called them")
     parser.add_argument("--sync-points", action="store_true",
                         help="instead of the profile: where the measured steps make the host wait for the GPU")
     args = parser.parse_args()
@@ -68,7 +72,7 @@ def main():
         if args.sync_points:
             print_sync_points(lambda: train(args.steps, args.warmup * args.batch_size), args.rows)
             return
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.copies) as prof:
             measured = train(args.steps, args.warmup * args.batch_size)
             sync()
         times = [m["step_time_s"] for m in measured if "step_time_s" in m]
@@ -76,6 +80,39 @@ def main():
               "peak GB:", max(m["peak_memory_gb"] for m in measured if "peak_memory_gb" in m), flush=True)
         table = prof.key_averages().table(sort_by=args.sort, row_limit=args.rows, max_name_column_width=70)
         print(table, flush=True)
+        if args.copies:
+            print_copy_callers(prof.events(), args.rows)
+
+
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::cat")
+
+
+def print_copy_callers(events, rows: int):
+    """The copy operators' time (the GPU's, else the CPU's) summed by caller: the innermost Python
+    function of ours or transformers' above the operator, or the autograd node it ran for."""
+    import collections
+
+    time, calls = collections.Counter(), collections.Counter()
+    for event in events:
+        if event.name not in COPY_OPS or (event.cpu_parent is not None and event.cpu_parent.name in COPY_OPS):
+            continue  # a copy inside another copy (clone -> copy_) counts once, as the outer one
+        caller, parent = "?", event.cpu_parent
+        while parent is not None:
+            name = parent.name
+            if "autograd::engine::evaluate_function" in name:
+                caller = name.split(": ", 1)[-1]
+                break
+            if ".py(" in name and any(k in name for k in ("cuda_bridge", "transformers/", "macft/")):
+                caller = name.split("site-packages/")[-1]
+                break
+            parent = parent.cpu_parent
+        key = f"{event.name:14s} {caller}"
+        time[key] += getattr(event, "device_time_total", 0) or event.cpu_time_total
+        calls[key] += 1
+    total = sum(time.values())
+    print(f"copies: {total / 1e3:.1f} ms in {sum(calls.values())} calls, by caller")
+    for key, us in time.most_common(rows):
+        print(f"{us / 1e3:9.2f} ms {calls[key]:6d}  {key}")
 
 
 def print_sync_points(run, rows: int):

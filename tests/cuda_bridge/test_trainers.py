@@ -290,3 +290,24 @@ def test_bench_sft_cuda_runs_ours_and_hf_peft_side_by_side(tmp_path, bridge_back
     assert abs(ours["loss"][0] - peer["loss"][0]) < 1e-4
     assert report["ratio_vs_hf_peft"]["tokens_per_sec"] > 0
     assert "ratio macft / hf+peft" in result.output
+
+
+def test_gradient_norm_counts_every_element_once_in_float64(monkeypatch):
+    """The bridge's global gradient norm takes small gradients together and large ones in pieces;
+    either way it is the float64 sum of squares of every element (numpy's, the oracle)."""
+    from cuda_bridge import trainer
+
+    monkeypatch.setattr(trainer, "NORM_CHUNK_ELEMENTS", 100)
+    torch.manual_seed(0)
+    shapes = [(16, 4), (4, 16), (7,), (30, 10), (3, 3), (250,), (99,), (1,), (10, 10)]
+    tensors = [torch.randn(s) * (i + 1) for i, s in enumerate(shapes)]
+    pieces = list(trainer._norm_pieces(tensors))
+    assert max(p.numel() for p in pieces) <= 100
+    assert sum(p.numel() for p in pieces) == sum(t.numel() for t in tensors)
+    assert len(pieces) < len(tensors) + 3  # the small ones went together
+    expected = sum(float((t.double().numpy() ** 2).sum()) for t in tensors)
+    got = trainer.sum_of_squares(tensors)
+    assert got.dtype == torch.float64
+    assert math.isclose(float(got), expected, rel_tol=1e-13)
+    assert float(trainer.global_norm(tensors)) == np.float32(math.sqrt(expected))
+    assert float(trainer.sum_of_squares([])) == 0.0
