@@ -92,6 +92,7 @@ def print_copy_callers(events, rows: int):
     function of ours or transformers' above the operator, or the autograd node it ran for."""
     import collections
 
+    on_gpu = any(getattr(event, "device_time_total", 0) for event in events)
     time, calls = collections.Counter(), collections.Counter()
     for event in events:
         if event.name not in COPY_OPS or (event.cpu_parent is not None and event.cpu_parent.name in COPY_OPS):
@@ -107,10 +108,11 @@ def print_copy_callers(events, rows: int):
                 break
             parent = parent.cpu_parent
         key = f"{event.name:14s} {caller}"
-        time[key] += getattr(event, "device_time_total", 0) or event.cpu_time_total
+        time[key] += event.device_time_total if on_gpu else event.cpu_time_total
         calls[key] += 1
     total = sum(time.values())
-    print(f"copies: {total / 1e3:.1f} ms in {sum(calls.values())} calls, by caller")
+    print(f"copies: {total / 1e3:.1f} ms of {'GPU' if on_gpu else 'CPU'} time in {sum(calls.values())} calls, "
+          "by caller")
     for key, us in time.most_common(rows):
         print(f"{us / 1e3:9.2f} ms {calls[key]:6d}  {key}")
 
