@@ -39,6 +39,11 @@ peer_site() {
     fi
 }
 
+knobs_model() {  # the random 1B model the MLX-CUDA knob parts share, written once to /tmp/knobs-1b
+    [ -f /tmp/knobs-1b/config.json ] ||
+        python3 -c "from macft.bench_hf import build_shape_dir as b; b('llama-3.2-1b', '/tmp/knobs-1b', tokenizer_dir='$TOKENIZER')"
+}
+
 case "$PART" in
 mlx-profile)  # where the step's time and memory go, piece by piece
     export MACFT_BACKEND=mlx
@@ -75,8 +80,7 @@ mlx-knobs)  # MLX-CUDA's command buffers: kernels per CUDA graph (MLX_MAX_OPS_PE
     # graph cache (MLX_CUDA_GRAPH_CACHE_SIZE, default 100, emptied whole when full), graphs off; each on
     # a rollout's decoding steps and on the compiled training step, macft alone
     export MACFT_BACKEND=mlx
-    [ -f /tmp/knobs-1b/config.json ] ||
-        python3 -c "from macft.bench_hf import build_shape_dir as b; b('llama-3.2-1b', '/tmp/knobs-1b', tokenizer_dir='$TOKENIZER')"
+    knobs_model
     for knobs in MLX_USE_CUDA_GRAPHS=1 "MLX_MAX_OPS_PER_BUFFER=200 MLX_CUDA_GRAPH_CACHE_SIZE=2000" MLX_USE_CUDA_GRAPHS=0; do
         tag=$(echo "$knobs" | tr ' =' '_-')
         row "knobs-decode-$tag" env $knobs python3 scripts/bench_decode_steps.py --model /tmp/knobs-1b --max-tokens 128 \
@@ -90,8 +94,7 @@ mlx-graphs)  # MLX-CUDA's graphs on (the default) and off (MLX_USE_CUDA_GRAPHS=0
     # time holds MLX's kernel compilation (the 2026-12-05 H100 call's graphs-off step ran first, paying
     # it, and past its limit)
     export MACFT_BACKEND=mlx
-    [ -f /tmp/knobs-1b/config.json ] ||
-        python3 -c "from macft.bench_hf import build_shape_dir as b; b('llama-3.2-1b', '/tmp/knobs-1b', tokenizer_dir='$TOKENIZER')"
+    knobs_model
     LIMIT=150 row graphs-warm-up python3 scripts/profile_mlx_step.py --model /tmp/knobs-1b --only step
     for graphs in 1 0; do
         MLX_USE_CUDA_GRAPHS=$graphs LIMIT=120 row "graphs-$graphs-step" python3 scripts/profile_mlx_step.py \

@@ -31,13 +31,13 @@ Layers left as they are: quantized bases (merging needs a dense copy of the base
 adapters whose dropout is on (training mode; rollouts run in eval mode, where it is off).
 """
 
-import os
 from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear
 
+from macft.mlx.gpu_default import on_gpu_unless
 from macft.mlx.lean_backward import has_active_dropout
 
 
@@ -49,10 +49,7 @@ class MergedLoRALinear(LoRALinear):
 
 
 def merged_rollout_applies() -> bool:
-    wanted = os.environ.get("MACFT_MERGED_ROLLOUT", "").strip().lower()
-    if wanted in ("0", "false", "no", "off"):
-        return False
-    return wanted in ("1", "true", "yes", "on") or mx.default_device() != mx.cpu
+    return on_gpu_unless("MACFT_MERGED_ROLLOUT")
 
 
 def mergeable(module) -> bool:

@@ -12,12 +12,12 @@ weight for the rollout (``macft.mlx.merged_rollout``): one matmul each instead o
 """
 
 import contextlib
-import os
 import warnings
 
 import mlx.core as mx
 
 from macft.mlx import static_cache
+from macft.mlx.gpu_default import on_gpu_unless
 from macft.mlx.merged_rollout import lora_merged, merged_rollout_applies
 from macft.rollout import Rollout, rollout_from_rows
 
@@ -103,12 +103,7 @@ def compiled_decode_applies(model) -> bool:
     step waits on the host. On the CPU the arithmetic is the bottleneck and the fixed buffers only
     add attention over empty slots (a SmolLM2 rollout of 16 x 64 tokens: 0.50 steps/s compiled, 0.53
     eager). ``MACFT_COMPILED_DECODE=1`` / ``0`` asks for one or the other anywhere."""
-    wanted = os.environ.get("MACFT_COMPILED_DECODE", "").strip().lower()
-    if wanted in ("0", "false", "no", "off"):
-        return False
-    if wanted not in ("1", "true", "yes", "on") and mx.default_device() == mx.cpu:
-        return False
-    return getattr(model, "model_type", None) in COMPILED_DECODE_TYPES
+    return on_gpu_unless("MACFT_COMPILED_DECODE") and getattr(model, "model_type", None) in COMPILED_DECODE_TYPES
 
 
 def _compiled_step(model, next_token, batch_caches, token, finished, *, capacity: int):

@@ -15,7 +15,6 @@ hold dropped activations.
 """
 
 import functools
-import os
 import warnings
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from macft.distributed import SINGLE_PROCESS, World, fsdp_enabled
 from macft.errors import TrainingError
 from macft.mlx.lean_backward import keep_less_for_backward
 from macft.mlx.logps import token_logps as sequence_logps  # noqa: F401  (the trainers' import name)
+from macft.mlx.gpu_default import on_gpu_unless
 from macft.mlx.memory_pacing import StepMemory
 from macft.training import TrainingLoop, TrainingWarning
 
@@ -165,10 +165,7 @@ class Trainer(TrainingLoop):
         wanted = getattr(self.args, "pace_memory", None)
         if wanted is not None:
             return bool(wanted)
-        asked = os.environ.get("MACFT_PACE_MEMORY", "").strip().lower()
-        if asked in ("0", "false", "no", "off"):
-            return False
-        return asked in ("1", "true", "yes", "on") or mx.default_device() != mx.cpu
+        return on_gpu_unless("MACFT_PACE_MEMORY")
 
     def _evaluate(self, batch, *arrays):
         """``mx.eval`` of a micro-batch's gradient, paced by its shapes where ``pacing_enabled``."""
