@@ -3,7 +3,7 @@
 # (under 10 minutes on an H200). Run on the GPU host from the repository root, after staging the
 # kit the part needs (../shared/device/README.md):
 #
-#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step
+#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step
 #   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-tests
 #   (cuda-sync needs no kit: the host's torch is enough)
 #
@@ -16,7 +16,7 @@
 # echoed. A row that fails or runs past $LIMIT seconds (default 280) does not stop the others.
 set -uo pipefail
 
-PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-tests"}
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-tests"}
 OUT=${OUT:-gpu-figures}
 TOKENIZER=${TOKENIZER:-.device/tok}
 mkdir -p "$OUT"
@@ -52,18 +52,26 @@ mlx-profile)  # where the step's time and memory go, piece by piece
     MACFT_DEQUANTIZE=0 row mlx-profile-4bit-qmm python3 scripts/profile_mlx_step.py --tokenizer "$TOKENIZER" \
         --only step --load-in-4bit
     ;;
-mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora tokens/s at <= 0.7x its peak; each row
-    # (memory pacing on, the GPU's default) beside its unpaced twin
+mlx-sft)  # issue 12: SFT bf16 / 4-bit / checkpointed, >= 1.3x mlx-lm-lora tokens/s at <= 0.7x its peak
+    # (memory pacing on, the GPU's default; mlx-levers times it against MACFT_PACE_MEMORY=0)
     export MACFT_BACKEND=mlx
     peer_site
     sft=(python3 -m macft bench sft --backend mlx "${SHAPE[@]}" --seq-len 2048 --batch-size 4 --lora-rank 16
          --steps 6 --warmup 3 --peer-python python3)
-    unpaced=("${sft[@]:0:${#sft[@]}-2}")  # each row again without memory pacing, macft alone
     for base in ${SFT_BASES:-bf16 4bit ckpt}; do  # SFT_BASES: a subset, to split the part over calls
         case $base in bf16) flag=() ;; 4bit) flag=(--load-in-4bit) ;; ckpt) flag=(--grad-checkpoint) ;; esac
         row "mlx-sft-$base" "${sft[@]}" "${flag[@]}" --json "$OUT/mlx-sft-$base.json"
-        MACFT_PACE_MEMORY=0 row "mlx-sft-$base-unpaced" "${unpaced[@]}" "${flag[@]}" \
-            --json "$OUT/mlx-sft-$base-unpaced.json"
+    done
+    ;;
+mlx-head-chunk)  # the output head's chunk (macft/mlx/logps.py CHUNK_LOGITS_BYTES) against the bf16 step's
+    # speed and peak, macft alone: 512 MB (1,024 tokens at the 128k vocabulary), 256 MB, 128 MB (the default)
+    export MACFT_BACKEND=mlx
+    for mb in 512 256 128; do
+        row "mlx-head-chunk-${mb}mb" python3 -c "import runpy, sys; import macft.mlx.logps as logps
+logps.CHUNK_LOGITS_BYTES = int(sys.argv.pop(1)) << 20
+sys.argv[0] = 'macft'
+runpy.run_module('macft', run_name='__main__')" "$mb" bench sft --backend mlx "${SHAPE[@]}" --seq-len 2048 \
+            --batch-size 4 --lora-rank 16 --steps 6 --warmup 3 --json "$OUT/mlx-head-chunk-${mb}mb.json"
     done
     ;;
 mlx-levers)  # what two of the MLX step's levers change on their own, each beside its baseline: memory

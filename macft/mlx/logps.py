@@ -23,9 +23,13 @@ from mlx.utils import tree_flatten
 
 from macft.mlx.quantized import with_one_dense_weight
 
-# Tokens per chunk of the output head: large enough that each chunk is one efficient matmul, small
-# enough that a chunk's float32 logits stay well under a GB at a 128k vocabulary.
-CHUNK_TOKENS = 1024
+# Float32 logits per chunk of the output head, in bytes: 256 tokens at a 128k vocabulary, 640 at
+# SmolLM2's 49k. The head's backward runs first in the backward pass, while every block's activations
+# are still held, so what it holds at once (a chunk's logits in bf16 and float32, their softmax and
+# gradient) sits on top of the step's peak. The 1B bench step (4 x 2048 tokens, bf16, paced) on an
+# H100 peaked at 23.09, 22.04 and 18.45 GB with 512, 256 and 128 MB chunks, at 47.1k, 45.2k and 45.2k
+# tokens/s (`scripts/gpu_figures.sh mlx-head-chunk`).
+CHUNK_LOGITS_BYTES = 128 << 20
 
 # Recomputing the head in the backward (one more head matmul) pays for itself only when the float32
 # logits would be large: a 1B model at 4 x 2048 tokens holds 4 GB of them. Below this, the logits
@@ -42,6 +46,14 @@ FUSED_WIDTH_EXTRA = 1 / 16
 
 # mlx_lm model types whose Model.__call__ is exactly ``head(model.model(inputs))``.
 _PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"}
+
+
+def head_chunk_tokens(vocabulary: int) -> int:
+    """Tokens per chunk of the output head for this vocabulary: ``CHUNK_LOGITS_BYTES`` of float32
+    logits, rounded down to a multiple of 128 rows where there are that many, so that no matmul tile
+    of the chunk runs mostly empty (523 rows would cost as much as 640)."""
+    tokens = max(1, CHUNK_LOGITS_BYTES // (4 * max(1, vocabulary)))
+    return tokens if tokens < 128 else tokens // 128 * 128
 
 
 def output_head(model):
@@ -81,14 +93,18 @@ def next_token_logps(model, inputs: mx.array, targets: mx.array, cache=None, tem
     hidden = model.model(inputs, cache=cache)[:, :length]
     batch, _, width = hidden.shape
     flat = hidden.reshape(batch * length, width)
-    head_logps = kept_logits_head_logps if small else chunked_head_logps
-    logps = head_logps(head, flat, targets.reshape(-1), temperature=temperature).reshape(batch, length)
+    chunk = head_chunk_tokens(vocabulary or _head_width(head, flat))
+    if small:
+        logps = kept_logits_head_logps(head, flat, targets.reshape(-1), temperature=temperature)
+    else:
+        logps = chunked_head_logps(head, flat, targets.reshape(-1), chunk=chunk, temperature=temperature)
+    logps = logps.reshape(batch, length)
     if not with_entropy:
         return logps
     flat = mx.stop_gradient(flat)
     head = with_one_dense_weight(head, flat)
-    entropies = mx.concatenate([_entropy(_tempered(head(flat[s:s + CHUNK_TOKENS]).astype(mx.float32), temperature))
-                                for s in range(0, flat.shape[0], CHUNK_TOKENS)])
+    entropies = mx.concatenate([_entropy(_tempered(head(flat[s:s + chunk]).astype(mx.float32), temperature))
+                                for s in range(0, flat.shape[0], chunk)])
     return logps, entropies.reshape(batch, length)
 
 
@@ -164,8 +180,7 @@ def _logps_from_logits(logits, targets):
     return target_logits - mx.logsumexp(logits, axis=-1)
 
 
-def chunked_head_logps(head, hidden: mx.array, targets: mx.array, chunk: int = CHUNK_TOKENS,
-                       temperature: float = 1.0) -> mx.array:
+def chunked_head_logps(head, hidden: mx.array, targets: mx.array, chunk: int, temperature: float = 1.0) -> mx.array:
     """log softmax(head(hidden) / temperature)[targets] for (N, H) hidden states and (N,) targets,
     in float32, chunk tokens at a time in both passes. The gradient flows to ``hidden`` only."""
     starts = range(0, hidden.shape[0], chunk)

@@ -567,7 +567,7 @@ def test_completion_entropies_are_those_of_the_full_logits(tiny_model_dir, monke
 
     if chunked:
         monkeypatch.setattr(logps_module, "CHUNK_ABOVE_BYTES", 0)
-        monkeypatch.setattr(logps_module, "CHUNK_TOKENS", 5)
+        monkeypatch.setattr(logps_module, "head_chunk_tokens", lambda vocabulary: 5)
     model, tokenizer = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
     FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     mx.random.seed(0)

@@ -39,6 +39,8 @@ def test_chunked_head_equals_full_logits_in_value_and_gradient(tiny_model_dir, m
         if hasattr(module, "lora_b"):  # non-zero adapters, so their gradients are all non-zero
             module.lora_b = 0.05 * mx.random.normal(module.lora_b.shape, key=mx.random.key(1))
     assert output_head(model) is not None
+    # token_logps's own chunks: 7 tokens, which do not divide the 120
+    monkeypatch.setattr(macft.mlx.logps, "CHUNK_LOGITS_BYTES", 7 * 4 * model.args.vocab_size)
     ids = mx.random.randint(0, 1000, (3, 41), key=mx.random.key(2))
     weights = mx.random.uniform(shape=(3, 40), key=mx.random.key(3))
 
@@ -57,6 +59,16 @@ def test_chunked_head_equals_full_logits_in_value_and_gradient(tiny_model_dir, m
     for (name, a), (_, b) in zip(tree_flatten(chunked_grads), tree_flatten(plain_grads)):
         assert mx.abs(b).max().item() > 0, name
         assert mx.allclose(a, b, rtol=1e-4, atol=1e-6).item(), name
+
+
+def test_head_chunks_hold_a_fixed_size_of_logits_in_whole_tiles():
+    from macft.mlx.logps import CHUNK_LOGITS_BYTES, head_chunk_tokens
+
+    assert CHUNK_LOGITS_BYTES == 128 << 20
+    assert head_chunk_tokens(128256) == 256  # 261 rows of 512 KB, rounded down to whole 128-row tiles
+    assert head_chunk_tokens(49152) == 640  # 682
+    assert head_chunk_tokens(1 << 21) == 16  # under a tile: as many rows as fit
+    assert head_chunk_tokens(1 << 40) == 1
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
