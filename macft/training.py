@@ -144,6 +144,13 @@ class TrainingLoop:
         (SFT), each logged step has ``padding_fraction`` = 1 - tokens / slots."""
         return 0
 
+    def loss_parts(self, batch) -> list:
+        """[(part, fraction)]: the pieces a micro-batch's gradient is taken over one at a time, each
+        with the fraction of the micro-batch's loss its own loss is (the fractions times the parts'
+        losses sum to the micro-batch's loss). The whole micro-batch, but where a trainer splits a
+        large one so that the backward holds less at once (GRPO: by prompt groups)."""
+        return [(batch, 1.0)]
+
     def has_gradient(self, batch) -> bool:
         """Whether the micro-batch has anything in its loss. A step where none has is skipped:
         no optimizer update (Adam's momentum would move the weights on a zero gradient)."""
@@ -584,14 +591,16 @@ class TrainingLoop:
                 self.state["batch_in_epoch"] = 0
 
     def step_gradients(self, micro: list) -> tuple[float, dict, float | None]:
-        """``compute_gradients`` of this rank's micro-batches, each with its share of the whole step;
-        (0, {}, None) without computing anything when no micro-batch of the step, on any rank, has
-        something to train (``has_gradient``)."""
+        """``compute_gradients`` of this rank's micro-batches (in their ``loss_parts``), each with its
+        share of the whole step; (0, {}, None) without computing anything when no micro-batch of the
+        step, on any rank, has something to train (``has_gradient``)."""
         shares = gradient_shares(self.world, [self.batch_weight(b) for b in micro],
                                  sum(bool(self.has_gradient(b)) for b in micro))
         if shares is None:
             return 0.0, {}, None
-        return self.compute_gradients(micro, shares)
+        parts = [(part, share * fraction) for batch, share in zip(micro, shares)
+                 for part, fraction in self.loss_parts(batch)]
+        return self.compute_gradients([part for part, _ in parts], [share for _, share in parts])
 
     def step_size_at(self, index: int) -> int:
         """Micro-batches in the optimizer step that starts at the epoch's micro-batch ``index``

@@ -3,7 +3,7 @@
 # (under 10 minutes on an H200). Run on the GPU host from the repository root, after staging the
 # kit the part needs (../shared/device/README.md):
 #
-#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step
+#   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts
 #   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-tests
 #   (cuda-sync needs no kit: the host's torch is enough)
 #
@@ -16,7 +16,7 @@
 # echoed. A row that fails or runs past $LIMIT seconds (default 280) does not stop the others.
 set -uo pipefail
 
-PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-tests"}
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-tests"}
 OUT=${OUT:-gpu-figures}
 TOKENIZER=${TOKENIZER:-.device/tok}
 mkdir -p "$OUT"
@@ -38,6 +38,13 @@ peer_site() {
             echo "note: could not install .whl/ into /tmp/site-peer: rows without the peer"
     fi
 }
+
+# `python3 -m macft ARGS` with one module constant set first: "${PATCHED[@]}" MODULE NAME INTEGER ARGS...
+PATCHED=(python3 -c "import importlib, runpy, sys
+module, name, value = sys.argv[1:4]
+setattr(importlib.import_module(module), name, int(value))
+sys.argv[:4] = ['macft']
+runpy.run_module('macft', run_name='__main__')")
 
 knobs_model() {  # the random 1B model the MLX-CUDA knob parts share, written once to /tmp/knobs-1b
     [ -f /tmp/knobs-1b/config.json ] ||
@@ -67,11 +74,9 @@ mlx-head-chunk)  # the output head's chunk (macft/mlx/logps.py CHUNK_LOGITS_BYTE
     # speed and peak, macft alone: 512 MB (1,024 tokens at the 128k vocabulary), 256 MB, 128 MB (the default)
     export MACFT_BACKEND=mlx
     for mb in 512 256 128; do
-        row "mlx-head-chunk-${mb}mb" python3 -c "import runpy, sys; import macft.mlx.logps as logps
-logps.CHUNK_LOGITS_BYTES = int(sys.argv.pop(1)) << 20
-sys.argv[0] = 'macft'
-runpy.run_module('macft', run_name='__main__')" "$mb" bench sft --backend mlx "${SHAPE[@]}" --seq-len 2048 \
-            --batch-size 4 --lora-rank 16 --steps 6 --warmup 3 --json "$OUT/mlx-head-chunk-${mb}mb.json"
+        row "mlx-head-chunk-${mb}mb" "${PATCHED[@]}" macft.mlx.logps CHUNK_LOGITS_BYTES $((mb << 20)) bench sft \
+            --backend mlx "${SHAPE[@]}" --seq-len 2048 --batch-size 4 --lora-rank 16 --steps 6 --warmup 3 \
+            --json "$OUT/mlx-head-chunk-${mb}mb.json"
     done
     ;;
 mlx-levers)  # what two of the MLX step's levers change on their own, each beside its baseline: memory
@@ -127,6 +132,15 @@ mlx-grpo-step)  # issue 12: whole GRPO steps (rollout, loss, update) beside mlx-
     LIMIT=${LIMIT:-560} row mlx-grpo-step python3 -m macft bench grpo --backend mlx "${SHAPE[@]}" --num-prompts 2 \
         --group-size 8 --max-tokens 256 --repeats 1 --full-step --steps 2 --warmup 1 --lora-rank 16 \
         --peer-python python3 --json "$OUT/mlx-grpo-step.json"
+    ;;
+mlx-grpo-parts)  # the GRPO step's gradient in parts of prompt groups (macft/trainers/grpo.py LOSS_PART_TOKENS,
+    # 2,048 token slots) against the whole micro-batch at once, macft alone (mlx-grpo-step: beside the peer)
+    export MACFT_BACKEND=mlx
+    for slots in 1000000000 2048; do
+        LIMIT=${LIMIT:-200} row "mlx-grpo-parts-$slots" "${PATCHED[@]}" macft.trainers.grpo LOSS_PART_TOKENS "$slots" \
+            bench grpo --backend mlx "${SHAPE[@]}" --num-prompts 2 --group-size 8 --max-tokens 256 --repeats 1 \
+            --full-step --steps 2 --warmup 1 --lora-rank 16 --json "$OUT/mlx-grpo-parts-$slots.json"
+    done
     ;;
 cuda-1b)  # issue 13: 1B, batch 4: bf16 >= 1.1x Unsloth, 4-bit >= 1.0x, at <= its peak
     export MACFT_BACKEND=cuda

@@ -28,6 +28,8 @@ One training step, for B = ``per_device_train_batch_size`` prompts and G = ``num
 5. The clipped surrogate ``algorithms.grpo.grpo_loss`` with the config's loss_type, epsilon,
    epsilon_high, importance_sampling_level and beta, on the backend's ``completion_logps``.
    Every log-prob (policy, sampling policy, reference) is taken under logits / temperature, as TRL.
+   A micro-batch of several prompts is differentiated a few groups at a time (``loss_parts``), so
+   that the backward pass holds one part's activations, not the whole micro-batch's.
 
 Logged per step (metrics.jsonl): reward_mean, reward_std (both without the unscorable
 completions, as TRL), rewards/<function>/mean and /std, frac_reward_zero_std,
@@ -103,6 +105,11 @@ class ScoredRollout(NamedTuple):
     rewards: np.ndarray  # (N,) float64 total reward, NaN where unscorable
     nothing_kept: bool = False  # dynamic sampling kept no group: the batch stays out of the loss
 
+
+# Token slots (a prompt once, then its G completions at the batch's width) a micro-batch's gradient
+# is taken over at a time, in whole prompt groups: large enough that a GPU's matmuls stay efficient,
+# small enough that a 1B model's backward holds a few GB (``GRPOLogic.loss_parts``).
+LOSS_PART_TOKENS = 2048
 
 OVERLONG = "overlong_punishment"  # the soft overlong punishment's column among the reward scores
 
@@ -434,6 +441,53 @@ class GRPOLogic:
         if self.args.loss_type == "dapo":  # token-level mean over the accumulated batch
             return batch.completion_tokens
         return 1.0
+
+    def loss_parts(self, batch: RolloutBatch) -> list:
+        """The micro-batch in parts of whole prompt groups, each of at most ``LOSS_PART_TOKENS`` token
+        slots (one group at least), with the fraction of the micro-batch's loss each part's loss is.
+        The fractions make the parts' weighted losses sum to the whole's (``loss_share_unit``); the
+        gradient is the same up to float rounding. The logged metrics are the parts' metrics
+        averaged with the same fractions, as TRL averages a step's micro-batches. A part's
+        num_tokens is 0: tokens are counted per micro-batch."""
+        prompts, unit = len(batch.prompt_ids), self.loss_share_unit()
+        if prompts < 2 or unit is None:
+            return [(batch, 1.0)]
+        group, width = batch.completion_ids.shape[0] // prompts, batch.completion_ids.shape[1]
+        spans, start, slots = [], 0, 0
+        for index, prompt in enumerate(batch.prompt_ids):
+            size = len(prompt) + group * width
+            if index > start and slots + size > LOSS_PART_TOKENS:
+                spans.append((start, index))
+                start, slots = index, 0
+            slots += size
+        spans.append((start, prompts))
+        if len(spans) == 1:
+            return [(batch, 1.0)]
+        by_tokens = unit == "tokens"
+        row_tokens = np.asarray(self.to_numpy(batch.completion_mask), dtype=np.float64).sum(axis=1)
+        total = max(float(row_tokens.sum()), 1.0)
+
+        def rows(array, first, last):
+            return None if array is None else array[first * group:last * group]
+
+        parts = []
+        for first, last in spans:
+            fraction = (row_tokens[first * group:last * group].sum() / total if by_tokens
+                        else (last - first) / prompts)
+            parts.append((RolloutBatch(batch.prompt_ids[first:last], rows(batch.completion_ids, first, last),
+                                       rows(batch.completion_mask, first, last), rows(batch.advantages, first, last),
+                                       rows(batch.old_logps, first, last), rows(batch.ref_logps, first, last), 0,
+                                       float(row_tokens[first * group:last * group].sum())), float(fraction)))
+        return parts
+
+    def loss_share_unit(self) -> str | None:
+        """What a part's share of a micro-batch's loss is counted in: "rows" where the loss averages
+        over sequences (grpo, dr_grpo), "tokens" where over the masked tokens (bnpo, dapo); None
+        where the loss needs the whole micro-batch at once (top_entropy_quantile < 1: its mask is a
+        quantile over all the micro-batch's tokens)."""
+        if self.args.top_entropy_quantile < 1.0:
+            return None
+        return "tokens" if self.args.loss_type in ("bnpo", "dapo") else "rows"
 
     def has_gradient(self, batch: RolloutBatch) -> bool:
         # Every completion truncated and masked (DAPO's overlong filtering), or no group kept by

@@ -101,6 +101,9 @@ class RLOOLogic(GRPOLogic):
         return batch._replace(advantages=ops.nan_to_zero(advantages))
 
     # -- loss
+    def loss_share_unit(self) -> str:
+        return "rows"  # rloo_loss averages over sequences
+
     def loss(self, model, prompt_ids, completion_ids, completion_mask, advantages, old_logps, ref_logps,
              num_tokens=0, completion_tokens=0.0):
         a: RLOOConfig = self.args

@@ -10,8 +10,9 @@ import pytest
 
 from macft import RLOOConfig, RLOOTrainer
 from macft.config import ConfigError
-from tests.mlx.test_grpo import (MY_REWARD, PROMPTS, ScoreLog, arith_dir, invoke, parity_reward,  # noqa: F401
-                                 recording, tiny_policy, token_reward)
+from tests.mlx.test_grpo import (MY_REWARD, PROMPTS, ScoreLog, arith_dir,  # noqa: F401
+                                 assert_parts_give_the_whole_gradient, invoke, parity_reward, recording, tiny_policy,
+                                 token_reward)
 
 
 def rloo(model, tokenizer, tmp_path, reward_funcs=token_reward, **config):
@@ -98,6 +99,14 @@ def test_normalize_advantages_whitens_the_whole_generation_batch(tiny_model_dir,
     assert whole.mean() == pytest.approx(0.0, abs=1e-5)
     assert whole.std(ddof=1) == pytest.approx(1.0, abs=1e-3)  # s / (s + 1e-4) for the raw std s
     assert max(abs(p.mean()) for p in parts) > 1e-3 or max(abs(p.std(ddof=1) - 1) for p in parts) > 1e-3
+
+
+def test_a_micro_batch_taken_a_prompt_group_at_a_time_has_the_whole_gradient(tiny_model_dir, tmp_path, monkeypatch):
+    """RLOO's loss averages over sequences: each prompt group's part counts its share of the rows."""
+    model, tokenizer = tiny_policy(tiny_model_dir)
+    trainer = rloo(model, tokenizer, tmp_path, reward_funcs=parity_reward, per_device_train_batch_size=3,
+                   num_iterations=2, beta=0.04)
+    assert_parts_give_the_whole_gradient(trainer, monkeypatch, by_tokens=False)
 
 
 def test_config_errors_name_the_field(tiny_model_dir, tmp_path):
