@@ -33,8 +33,10 @@ def test_swiglu_gradient_equals_autodiff():
 
 def test_swiglu_keeps_fewer_arrays_per_block():
     """Autodiff keeps gate, up, sigmoid(gate) and silu(gate) of every block; the CPU variant drops
-    silu(gate), the GPU one sigmoid(gate) too."""
-    tokens, hidden, intermediate, depth = 512, 128, 1024, 8
+    silu(gate), the GPU one sigmoid(gate) too. Sixteen blocks: the arrays kept grow with the depth,
+    the backward's transients at the peak do not, and MLX's peak moves by a few MB with what the
+    process ran before (at eight blocks the GPU variant's saving measured 3.9 to 10 MB, by order)."""
+    tokens, hidden, intermediate, depth = 512, 128, 1024, 16
     mx.random.seed(1)
     w_gate, w_up, w_down = (mx.random.normal(s) * 0.05 for s in ((intermediate, hidden), (intermediate, hidden),
                                                                  (hidden, intermediate)))
