@@ -93,11 +93,10 @@ def next_token_logps(model, inputs: mx.array, targets: mx.array, cache=None, tem
     hidden = model.model(inputs, cache=cache)[:, :length]
     batch, _, width = hidden.shape
     flat = hidden.reshape(batch * length, width)
+    if small:  # never with_entropy: that took the plain path above
+        return kept_logits_head_logps(head, flat, targets.reshape(-1), temperature=temperature).reshape(batch, length)
     chunk = head_chunk_tokens(vocabulary or _head_width(head, flat))
-    if small:
-        logps = kept_logits_head_logps(head, flat, targets.reshape(-1), temperature=temperature)
-    else:
-        logps = chunked_head_logps(head, flat, targets.reshape(-1), chunk=chunk, temperature=temperature)
+    logps = chunked_head_logps(head, flat, targets.reshape(-1), chunk=chunk, temperature=temperature)
     logps = logps.reshape(batch, length)
     if not with_entropy:
         return logps

@@ -472,12 +472,11 @@ class GRPOLogic:
 
         parts = []
         for first, last in spans:
-            fraction = (row_tokens[first * group:last * group].sum() / total if by_tokens
-                        else (last - first) / prompts)
-            parts.append((RolloutBatch(batch.prompt_ids[first:last], rows(batch.completion_ids, first, last),
-                                       rows(batch.completion_mask, first, last), rows(batch.advantages, first, last),
-                                       rows(batch.old_logps, first, last), rows(batch.ref_logps, first, last), 0,
-                                       float(row_tokens[first * group:last * group].sum())), float(fraction)))
+            tokens = float(row_tokens[first * group:last * group].sum())
+            part = RolloutBatch(batch.prompt_ids[first:last], rows(batch.completion_ids, first, last),
+                                rows(batch.completion_mask, first, last), rows(batch.advantages, first, last),
+                                rows(batch.old_logps, first, last), rows(batch.ref_logps, first, last), 0, tokens)
+            parts.append((part, tokens / total if by_tokens else (last - first) / prompts))
         return parts
 
     def loss_share_unit(self) -> str | None:

@@ -141,8 +141,8 @@ def test_grpo_micro_batch_taken_a_prompt_group_at_a_time_has_the_whole_gradient(
                                                                                 loss_type):
     """The bridge's side of the MLX test of ``loss_parts``: three prompt groups differentiated one
     at a time give the whole micro-batch's loss and gradients, masks of unequal lengths included."""
-    import macft.trainers.grpo as grpo_module
     from macft import GRPOConfig, GRPOTrainer
+    from tests.loss_parts import assert_parts_give_the_whole_gradient
 
     model, tokenizer = policy(rewarded_dir)
     args = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=3, num_generations=4,
@@ -150,29 +150,11 @@ def test_grpo_micro_batch_taken_a_prompt_group_at_a_time_has_the_whole_gradient(
                       seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=target_share, args=args, train_dataset=PROMPTS,
                           processing_class=tokenizer)
-    trainer.seed(0)
-    trainer.prepare()
-    trainer.begin_training()
-    (batch,) = next(trainer._step_batches())
-    mask = torch.ones_like(batch.completion_mask)
-    for row, length in enumerate([6, 1, 3, 6, 2, 2, 5, 4, 6, 6, 6, 3]):
-        mask[row, length:] = 0.0
-    batch = batch._replace(completion_mask=mask, completion_tokens=float(mask.sum()))
 
-    def gradient(part_tokens):
-        monkeypatch.setattr(grpo_module, "LOSS_PART_TOKENS", part_tokens)
-        loss, _, norm = trainer.step_gradients([batch])
-        return loss, norm, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    def gradients(trainer):
+        return {n: p.grad.detach().numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
 
-    assert len(trainer.loss_parts(batch)) == 1  # 3 x (prompt + 4 x 6) slots: under LOSS_PART_TOKENS
-    whole_loss, whole_norm, whole = gradient(10**6)
-    loss, norm, parts = gradient(1)
-    assert len(trainer.loss_parts(batch)) == 3
-    assert loss == pytest.approx(whole_loss, rel=1e-5, abs=1e-7)
-    assert norm == pytest.approx(whole_norm, rel=1e-5) and whole_norm > 0
-    assert parts.keys() == whole.keys() and whole
-    for name, grad in parts.items():
-        torch.testing.assert_close(grad, whole[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert_parts_give_the_whole_gradient(trainer, monkeypatch, loss_type == "bnpo", gradients)
 
 
 @pytest.mark.parametrize("command, expected", [

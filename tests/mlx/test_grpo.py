@@ -21,6 +21,7 @@ from macft import FastLanguageModel, GRPOConfig, GRPOTrainer
 from macft.cli import build_app
 from macft.data import tokenize_prompts
 from macft.rewards import RewardError
+from tests.loss_parts import assert_parts_give_the_whole_gradient
 from tests.trainer_recording import recording
 
 REPO = Path(__file__).resolve().parents[2]
@@ -258,40 +259,12 @@ def test_a_micro_batch_taken_a_prompt_group_at_a_time_has_the_whole_gradient(tin
     model, tokenizer = tiny_policy(tiny_model_dir)
     trainer = grpo(model, tokenizer, tmp_path, reward_funcs=parity_reward, per_device_train_batch_size=3,
                    loss_type=loss_type, num_iterations=2, beta=0.04)
-    assert_parts_give_the_whole_gradient(trainer, monkeypatch, by_tokens=loss_type in ("bnpo", "dapo"))
+    assert_parts_give_the_whole_gradient(trainer, monkeypatch, loss_type in ("bnpo", "dapo"), mlx_gradients)
 
 
-def assert_parts_give_the_whole_gradient(trainer, monkeypatch, by_tokens):
-    """The first micro-batch (3 prompts x 4 completions), its masks cut to unequal lengths (so that a
-    part's share of the rows and of the tokens differ), differentiated whole and then a prompt group
-    at a time (LOSS_PART_TOKENS below a group): the same loss, gradient norm and gradients, each part
-    counting its share of the tokens (by_tokens) or of the rows."""
-    import macft.trainers.grpo as grpo_module
-
-    trainer.seed(0)
-    trainer.prepare()
-    trainer.begin_training()
-    (batch,) = next(trainer._step_batches())
-    mask = np.ones(batch.completion_mask.shape, dtype=np.float32)
-    lengths = [6, 1, 3, 6, 2, 2, 5, 4, 6, 6, 6, 3]
-    for row, length in enumerate(lengths):
-        mask[row, length:] = 0.0
-    batch = batch._replace(completion_mask=mx.array(mask), completion_tokens=float(mask.sum()))
-
-    monkeypatch.setattr(grpo_module, "LOSS_PART_TOKENS", 10**6)
-    assert len(trainer.loss_parts(batch)) == 1
-    whole_loss, _, whole_norm = trainer.step_gradients([batch])
-    whole_grads = dict(tree_flatten(trainer._pending[0]))
-
-    monkeypatch.setattr(grpo_module, "LOSS_PART_TOKENS", 1)
-    fractions = [fraction for _, fraction in trainer.loss_parts(batch)]
-    token_shares = [sum(lengths[4 * p:4 * p + 4]) / sum(lengths) for p in range(3)]
-    assert fractions == pytest.approx(token_shares if by_tokens else [1 / 3] * 3)
-    loss, _, norm = trainer.step_gradients([batch])
-    assert loss == pytest.approx(whole_loss, rel=1e-5, abs=1e-7)
-    assert norm == pytest.approx(whole_norm, rel=1e-5) and whole_norm > 0
-    for name, grad in tree_flatten(trainer._pending[0]):
-        assert mx.allclose(grad, whole_grads[name], rtol=1e-4, atol=1e-7).item(), name
+def mlx_gradients(trainer) -> dict:
+    """The gradients ``step_gradients`` left pending, as numpy arrays by name."""
+    return {name: np.array(grad) for name, grad in tree_flatten(trainer._pending[0])}
 
 
 def test_dapo_masks_truncated_completions_and_punishes_them(tiny_model_dir, tmp_path):

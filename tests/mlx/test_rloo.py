@@ -10,9 +10,9 @@ import pytest
 
 from macft import RLOOConfig, RLOOTrainer
 from macft.config import ConfigError
-from tests.mlx.test_grpo import (MY_REWARD, PROMPTS, ScoreLog, arith_dir,  # noqa: F401
-                                 assert_parts_give_the_whole_gradient, invoke, parity_reward, recording, tiny_policy,
-                                 token_reward)
+from tests.loss_parts import assert_parts_give_the_whole_gradient
+from tests.mlx.test_grpo import (MY_REWARD, PROMPTS, ScoreLog, arith_dir, invoke, mlx_gradients,  # noqa: F401
+                                 parity_reward, recording, tiny_policy, token_reward)
 
 
 def rloo(model, tokenizer, tmp_path, reward_funcs=token_reward, **config):
@@ -106,7 +106,7 @@ def test_a_micro_batch_taken_a_prompt_group_at_a_time_has_the_whole_gradient(tin
     model, tokenizer = tiny_policy(tiny_model_dir)
     trainer = rloo(model, tokenizer, tmp_path, reward_funcs=parity_reward, per_device_train_batch_size=3,
                    num_iterations=2, beta=0.04)
-    assert_parts_give_the_whole_gradient(trainer, monkeypatch, by_tokens=False)
+    assert_parts_give_the_whole_gradient(trainer, monkeypatch, False, mlx_gradients)
 
 
 def test_config_errors_name_the_field(tiny_model_dir, tmp_path):
