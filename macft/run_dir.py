@@ -215,9 +215,13 @@ def remove_if_empty(path) -> bool:
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return False
-    if any(not p.is_dir() or p.is_symlink() for p in path.rglob("*")):
+    # The ranks of a distributed run that stopped together may scan and remove it at once: a folder
+    # gone mid-scan is another rank's removal, and rmtree ignores what is already gone.
+    try:
+        if any(not p.is_dir() or p.is_symlink() for p in path.rglob("*")):
+            return False
+    except FileNotFoundError:
         return False
-    # Ignoring errors: the ranks of a distributed run that stopped together may remove it at once.
     shutil.rmtree(path, ignore_errors=True)
     return True
 
