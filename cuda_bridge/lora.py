@@ -232,8 +232,9 @@ def _wrap_paths(model, ranks: dict, use_dora: bool, dropout: float, random_state
 
 
 def enable_gradient_checkpointing(model, offload: bool = False):
-    """Recompute each transformer block in the backward pass (HF's per-model checkpointing,
-    non-reentrant so that a frozen base with trainable adapters gets its gradients).
+    """Recompute each transformer block in the backward pass: transformers' per-block checkpointing,
+    each block run through ``cuda_bridge.checkpoint`` (one autograd Function a block, in place of
+    torch's saved-tensor hooks on every activation: the same gradients for far less host time).
 
     ``offload``: on a CUDA model, also keep each block's input, the one activation a checkpointed
     block holds until its backward, in pinned host memory meanwhile, copied out and back on a side
@@ -241,6 +242,8 @@ def enable_gradient_checkpointing(model, offload: bool = False):
     drops by up to (L - 1) x B x T x hidden x 2 bytes, the gradients are the same bit for bit.
     Elsewhere there is no device memory to free: plain checkpointing, no error.
     """
+    from cuda_bridge.checkpoint import BlockCheckpoint, install
+
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -250,6 +253,8 @@ def enable_gradient_checkpointing(model, offload: bool = False):
         from cuda_bridge.offload import offload_checkpointed_inputs
 
         offload_checkpointed_inputs(model)
+    else:
+        install(model, BlockCheckpoint())
     model.macft.gradient_checkpointing = True
     return model
 

@@ -15,9 +15,8 @@ AccumulateGrad node holds it for the graph's life, offloaded or not); of the oth
 GPU at the loss head and at most two during the backward (the block being recomputed and the one
 before it, prefetched): the peak drops by L - 3 to L - 1 of them (13 to 15 x 32 MiB at 1B).
 
-How. Non-reentrant ``torch.utils.checkpoint`` keeps a block's inputs as saved tensors made outside
-its own recomputation hooks, so a ``saved_tensors_hooks`` pair around the checkpoint call sees
-exactly those inputs and nothing else (the block's inner activations go through checkpoint's hooks):
+How. ``cuda_bridge.checkpoint.RecomputedBlock`` keeps a block's tensor inputs through the
+checkpointer's ``pack`` and gets them back through its ``unpack``; here those move them:
 
 - forward (pack): the input is copied to a pinned host buffer on a side CUDA stream that first
   waits for the compute stream (the input must be written before it is read). The compute stream
@@ -47,7 +46,8 @@ only CUDA models.
 import weakref
 
 import torch
-from torch.utils.checkpoint import checkpoint
+
+from cuda_bridge.checkpoint import BlockCheckpoint, install, installed
 
 
 class OffloadedInput:
@@ -68,24 +68,19 @@ class OffloadedInput:
         self.version = tensor._version
 
 
-class CheckpointOffloader:
-    """The checkpoint function of a model's blocks (transformers' ``_gradient_checkpointing_func``):
-    ``torch.utils.checkpoint`` (non-reentrant) with each block's input offloaded.
+class CheckpointOffloader(BlockCheckpoint):
+    """The blocks' checkpoint function with each block's input offloaded (see the module docstring).
 
     One per model; it holds the side stream of each device and counts what it did.
     """
 
     def __init__(self):
+        super().__init__()
         self._copy_streams = {}
         self._last_offloaded = None  # weakref to the newest OffloadedInput
         self.offloaded = 0
         self.restored_prefetched = 0
         self.restored_on_demand = 0
-
-    def __call__(self, function, *args, **kwargs):
-        kwargs["use_reentrant"] = False  # the reentrant variant saves no inputs for the hooks to see
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
-            return checkpoint(function, *args, **kwargs)
 
     def pack(self, tensor: torch.Tensor):
         # Kept as autograd would keep it: what carries no gradient, and a leaf, which its
@@ -157,26 +152,16 @@ class CheckpointOffloader:
 
 def offload_checkpointed_inputs(model) -> CheckpointOffloader:
     """Make the model's checkpointed blocks offload their inputs; gradient checkpointing must be on
-    (transformers' own, as ``lora.enable_gradient_checkpointing`` turns it on). Returns the
-    offloader. Switching plain checkpointing on again (``enable_gradient_checkpointing``) undoes it."""
-    offloader = CheckpointOffloader()
-    replaced = 0
-    # The modules transformers gave a checkpoint function: the decoder layers (and, in
-    # transformers 4, the decoder itself, which calls it around each layer).
-    for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) is True and hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = offloader
-            replaced += 1
-    if not replaced:
+    (as ``lora.enable_gradient_checkpointing`` turns it on). Returns the offloader. Switching plain
+    checkpointing on again (``enable_gradient_checkpointing``) undoes it."""
+    try:
+        return install(model, CheckpointOffloader())
+    except ValueError:
         raise ValueError(f"{type(model).__name__}: gradient checkpointing is off; turn it on before offloading "
-                         "its checkpoints")
-    return offloader
+                         "its checkpoints") from None
 
 
 def checkpoint_offloader(model) -> CheckpointOffloader | None:
     """The offloader the model's checkpointed blocks use, or None (plain checkpointing, or none)."""
-    for module in model.modules():
-        function = getattr(module, "_gradient_checkpointing_func", None)
-        if getattr(module, "gradient_checkpointing", False) is True and isinstance(function, CheckpointOffloader):
-            return function
-    return None
+    checkpointer = installed(model)
+    return checkpointer if isinstance(checkpointer, CheckpointOffloader) else None

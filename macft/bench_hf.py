@@ -26,6 +26,12 @@ MODEL_SHAPES = {
                          num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
                          rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5, head_dim=128,
                          hidden_act="silu"),
+    # Llama-3.2-1B's sixteen blocks at a width where the arithmetic is next to nothing: a step's time
+    # is then the host's (scripts/bench_host_step.py).
+    "llama-3.2-1b-narrow": dict(model_type="llama", hidden_size=64, num_hidden_layers=16, num_attention_heads=4,
+                                num_key_value_heads=1, intermediate_size=256, vocab_size=None,
+                                tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=4096,
+                                rms_norm_eps=1e-5, head_dim=16, hidden_act="silu"),
     "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=None, tie_word_embeddings=True, rope_theta=10000.0,
                  max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu"),

@@ -4,8 +4,8 @@
 # kit the part needs (../shared/device/README.md):
 #
 #   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts
-#   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-tests
-#   (cuda-sync needs no kit: the host's torch is enough)
+#   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-host|cuda-tests
+#   (cuda-sync and cuda-host need no kit: the host's torch is enough)
 #
 # mlx-*: the MLX core on MLX's CUDA backend beside mlx-lm-lora 5.10.2 (issue 12's rows);
 # cuda-*: cuda_bridge beside Unsloth (issue 13's rows) and the GPU tests. Every row is one
@@ -16,7 +16,7 @@
 # echoed. A row that fails or runs past $LIMIT seconds (default 280) does not stop the others.
 set -uo pipefail
 
-PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-tests"}
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-host|cuda-tests"}
 OUT=${OUT:-gpu-figures}
 TOKENIZER=${TOKENIZER:-.device/tok}
 mkdir -p "$OUT"
@@ -173,6 +173,32 @@ cuda-sync)  # issue 13: why the bridge's 4-bit step idles the GPU (its kernels t
     done
     # the device-to-device copies (23 ms of a 158 ms bf16 step on the H200), by call site
     LIMIT=120 row cuda-copies-bf16 python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" --copies --rows 40
+    ;;
+cuda-host)  # issue 13: the host's time, where a step's Python goes, and checkpointing's share (no kit needed)
+    export MACFT_BACKEND=cuda
+    LIMIT=60 row cuda-quant-host python3 scripts/bench_quant_host.py
+    for checkpoint in torch macft; do  # the 1B's blocks, narrow: the step's host time alone
+        LIMIT=90 row "cuda-host-step-$checkpoint" python3 scripts/bench_host_step.py --tokenizer "$TOKENIZER" \
+            --checkpoint "$checkpoint"
+        LIMIT=90 row "cuda-host-step-$checkpoint-4bit" python3 scripts/bench_host_step.py --tokenizer "$TOKENIZER" \
+            --checkpoint "$checkpoint" --load-in-4bit
+    done
+    LIMIT=150 row cuda-cprofile-4bit python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" --load-in-4bit \
+        --host --rows 45
+    # cuda_bridge.checkpoint against torch's checkpointing (its install made a no-op), same process kind
+    TORCH_CHECKPOINT=(python3 -c "import runpy, sys, cuda_bridge.checkpoint as c
+c.install = lambda model, checkpointer: checkpointer
+sys.argv[0] = 'macft'
+runpy.run_module('macft', run_name='__main__')")
+    sft=(bench sft --backend cuda "${SHAPE[@]}" --seq-len 2048 --batch-size 4 --lora-rank 16 --steps 6 --warmup 3
+         --grad-checkpoint --no-hf-peer)
+    for base in bf16 4bit; do
+        flag=()
+        [ "$base" = 4bit ] && flag=(--load-in-4bit)
+        row "cuda-ckpt-torch-$base" "${TORCH_CHECKPOINT[@]}" "${sft[@]}" "${flag[@]}"
+        row "cuda-ckpt-macft-$base" python3 -m macft "${sft[@]}" "${flag[@]}"
+    done
+    LIMIT=150 row cuda-kernels-bf16 python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" --rows 45 --copies
     ;;
 cuda-tests)  # the GPU tests: kernels against their references with time and peak, offload, QLoRA
     export MACFT_BACKEND=cuda MACFT_TEST_TOKENIZER="$PWD/$TOKENIZER"

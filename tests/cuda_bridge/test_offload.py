@@ -1,5 +1,6 @@
-"""Offloaded gradient checkpointing (cuda_bridge.offload): the loss and every LoRA gradient equal
-those of plain checkpointing bit for bit and those without checkpointing, over two steps of padded
+"""Gradient checkpointing through cuda_bridge.checkpoint, plain and offloaded (cuda_bridge.offload):
+the loss and every LoRA gradient equal those of torch's own checkpointing (torch.utils.checkpoint,
+as transformers sets it up) bit for bit and those without checkpointing, over two steps of padded
 batches; the recomputation reads the host copies, the inputs come back prefetched but for the
 last block's, and nothing outlives a step. On a CPU the copies are plain CPU copies; on a GPU
 (`pytest -m gpu`) the peak memory drops by the blocks' inputs."""
@@ -7,12 +8,13 @@ last block's, and nothing outlives a step. On a CPU the copies are plain CPU cop
 import pytest
 import torch
 
+from cuda_bridge.checkpoint import BlockCheckpoint, installed
 from cuda_bridge.lora import decoder_layers, enable_gradient_checkpointing
 from cuda_bridge.logps import sequence_logps
 from cuda_bridge.model import add_adapters, load_pretrained
 from cuda_bridge.offload import OffloadedInput, checkpoint_offloader, offload_checkpointed_inputs
 
-MODES = ("none", "plain", "offload")
+MODES = ("none", "torch", "plain", "offload")
 
 
 def random_model_dir(path, arch="llama", hidden=64, layers=4, vocab=512, heads=4):
@@ -35,18 +37,21 @@ def random_model_dir(path, arch="llama", hidden=64, layers=4, vocab=512, heads=4
     return path
 
 
-def lora_model(path, mode):
+def lora_model(path, mode, dropout=0.0, num_layers=None):
     """The model with LoRA on every projection (B moved off 0, so the adapters shape the forward)
     and checkpointing as ``mode`` says; returns (model, offloader or None)."""
     model, _ = load_pretrained(str(path))
-    add_adapters(model, r=4, lora_alpha=8, random_state=0)
+    add_adapters(model, r=4, lora_alpha=8, lora_dropout=dropout, num_layers=num_layers, random_state=0)
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)
         for name, p in model.named_parameters():
             if name.endswith("lora_b"):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
     offloader = None
-    if mode != "none":
+    if mode == "torch":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        assert installed(model) is None
+    elif mode != "none":
         enable_gradient_checkpointing(model, offload=mode == "offload")
         offloader = checkpoint_offloader(model)
         if mode == "offload" and offloader is None:  # a CPU model: nothing to free, the same logic runs
@@ -103,12 +108,14 @@ def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(model_dirs, m
     batches = [padded_batch(3, 20, [20, 13, 7], 512, seed=2), padded_batch(2, 28, [9, 28], 512, seed=3)]
     for step, (ids, mask) in enumerate(batches):
         results = {mode: train_step(models[mode][0], ids, mask) for mode in MODES}
-        (loss, grads), (plain_loss, plain_grads), (offload_loss, offload_grads) = (results[m] for m in MODES)
+        (loss, grads), (torch_loss, torch_grads), (plain_loss, plain_grads), (offload_loss, offload_grads) = (
+            results[m] for m in MODES)
         assert len(grads) == layers * 7 * 2  # lora_a and lora_b of the seven projections of every block
-        assert torch.equal(offload_loss, plain_loss), step
+        assert torch.equal(plain_loss, torch_loss) and torch.equal(offload_loss, plain_loss), step
         torch.testing.assert_close(plain_loss, loss, rtol=1e-6, atol=1e-6)
         assert max(g.abs().max().item() for g in grads.values()) > 1e-3
         for name, grad in grads.items():
+            assert torch.equal(plain_grads[name], torch_grads[name]), (step, name)
             assert torch.equal(offload_grads[name], plain_grads[name]), (step, name)
             torch.testing.assert_close(plain_grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
         # Every block's input but the first's (a leaf: see cuda_bridge.offload) went out and came back;
@@ -118,6 +125,43 @@ def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(model_dirs, m
             (layers - 1) * done, (layers - 2) * done, done)
         # The step's graph is gone, and with it every host copy: nothing chains into the next step.
         assert offloader._last_offloaded() is None
+
+
+def test_recomputed_blocks_draw_the_same_dropout_as_torch_checkpointing(model_dirs, monkeypatch):
+    monkeypatch.setenv("MACFT_KERNELS", "reference")
+    ids, mask = padded_batch(3, 16, [16, 11, 5], 512, seed=7)
+    results = {}
+    for mode in ("torch", "plain", "offload"):
+        torch.manual_seed(123)  # the dropout masks of the forward
+        results[mode] = train_step(lora_model(model_dirs("llama"), mode, dropout=0.3)[0], ids, mask)
+    torch.manual_seed(123)
+    undropped = train_step(lora_model(model_dirs("llama"), "plain")[0], ids, mask)
+    for mode in ("plain", "offload"):
+        assert torch.equal(results[mode][0], results["torch"][0]), mode
+        for name, grad in results["torch"][1].items():
+            assert torch.equal(results[mode][1][name], grad), (mode, name)
+    assert not torch.equal(results["plain"][0], undropped[0])  # the dropout did drop
+
+
+def test_frozen_blocks_and_a_frozen_first_input_still_train_the_adapted_blocks(model_dirs, monkeypatch):
+    """Adapters on the last two of four blocks: the first two have nothing to train and inputs that
+    take no gradient; the adapted blocks still get torch checkpointing's gradients."""
+    monkeypatch.setenv("MACFT_KERNELS", "reference")
+    ids, mask = padded_batch(2, 12, [12, 9], 512, seed=8)
+    _, expected = train_step(lora_model(model_dirs("llama"), "torch", num_layers=2)[0], ids, mask)
+    _, grads = train_step(lora_model(model_dirs("llama"), "plain", num_layers=2)[0], ids, mask)
+    assert sorted(grads) == sorted(expected) and len(grads) == 2 * 7 * 2
+    for name, grad in expected.items():
+        assert grad.abs().max() > 0 and torch.equal(grads[name], grad), name
+
+
+def test_a_block_whose_input_takes_no_gradient_still_trains_its_weights():
+    weight = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8)  # as a frozen embedding's output
+    torch.tanh(x @ weight).square().sum().backward()
+    expected, weight.grad = weight.grad, None
+    BlockCheckpoint()(lambda h: torch.tanh(h @ weight), x).square().sum().backward()
+    assert torch.equal(weight.grad, expected)
 
 
 def test_inputs_leave_after_the_forward_and_come_back_from_the_host_copies_one_block_ahead(model_dirs, monkeypatch):

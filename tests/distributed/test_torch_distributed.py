@@ -168,6 +168,17 @@ def test_fsdp_lora_equals_data_parallel(sft, tmp_path):
         np.testing.assert_allclose(value, theirs[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+def test_fsdp_with_gradient_checkpointing_equals_data_parallel(sft, tmp_path):
+    """Each block recomputed in its backward (cuda_bridge.checkpoint) inside FSDP2's per-block
+    gathers: the same training as data parallelism without checkpointing."""
+    args = [*sft["args"], "--iters", 3, "--save-every", 3]
+    plain, sharded = tmp_path / "two_ranks", tmp_path / "fsdp_checkpointed"
+    run("sft", [*args, "--adapter-path", plain], ranks=2)
+    run("sft", [*args, "--fsdp", "--grad-checkpoint", "--adapter-path", sharded], ranks=2)
+    assert json.loads((sharded / "run.json").read_text())["config"]["gradient_checkpointing"] is True
+    assert_same_training(sharded, plain)
+
+
 def test_fsdp_full_fine_tuning_equals_data_parallel(sft, tmp_path):
     args = [*sft["args"], "--train-type", "full", "--learning-rate", 1e-3, "--iters", 3, "--save-every", 3]
     data_parallel, sharded = tmp_path / "ddp_full", tmp_path / "fsdp_full"

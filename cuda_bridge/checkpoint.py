@@ -1,0 +1,166 @@
+"""Per-block gradient checkpointing with little host work: a block's forward runs without a graph,
+keeping only its inputs, and its backward runs the block again with one and calls autograd on it.
+
+Why not ``torch.utils.checkpoint`` (non-reentrant, what transformers sets up): it keeps a block's
+activations out of memory through saved-tensor hooks, a few Python calls for every tensor every op
+of the block saves, once when the forward saves it, again in the recomputation and when the
+backward reads it. At the Llama-3.2-1B shape that is ~60 tensors a block, and the hooks, their
+context managers and checks came to about 50 thousand Python calls a step, five times what the
+step's forward and backward make themselves (counted with cProfile, ``scripts/profile_cuda_step.py
+--host``); on a GPU the host time is the step's time once the kernels outrun it. Here a block costs
+one autograd Function call each way.
+
+How (the reentrant scheme, as Unsloth's offloaded checkpointing and ``use_reentrant=True``):
+
+- forward: ``RecomputedBlock`` runs the block under no_grad and keeps its tensor inputs
+  (``BlockCheckpoint.pack``: as they are; ``offload.CheckpointOffloader`` moves them to the host);
+  the random-number state is kept for the recomputation, so dropout draws the same masks;
+- backward: the inputs come back (``unpack``), the block runs again with the same RNG state and
+  autocast settings and with gradients on, and ``torch.autograd.backward`` takes the output
+  gradients through it: the adapters' gradients accumulate into their ``.grad`` there, the inputs'
+  gradients are returned to the outer graph.
+
+The arithmetic is the forward's, op for op, so the loss and gradients equal those of
+``torch.utils.checkpoint`` bit for bit (tested on the CPU against it). As with any reentrant
+checkpointing, the parameters' gradients land in ``.grad`` even under ``torch.autograd.grad``:
+the trainers call ``backward``.
+
+A block's adapters need a gradient even where its input needs none (the first block's input is the
+frozen embedding's output): the Function then gets a zero-size "anchor" tensor that requires a
+gradient as an extra input, so that autograd records it and calls its backward.
+"""
+
+import torch
+
+
+class RecomputedBlock(torch.autograd.Function):
+    """outputs = function(*args), recomputed in the backward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, checkpointer, function, anchor, *args):
+        ctx.checkpointer, ctx.function = checkpointer, function
+        ctx.devices = list({a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.devices]
+        ctx.autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in ("cuda", "cpu")
+                        if torch.is_autocast_enabled(kind)]
+        saved, kept = [], []
+        for a in args:
+            packed = checkpointer.pack(a) if isinstance(a, torch.Tensor) else a
+            if packed is a and isinstance(a, torch.Tensor):
+                saved.append(a)
+                kept.append(_SAVED)
+            else:
+                kept.append(packed)
+        ctx.save_for_backward(*saved)
+        ctx.kept = kept
+        return function(*args)
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        saved = iter(ctx.saved_tensors)
+        args = [next(saved) if k is _SAVED else ctx.checkpointer.unpack(k) for k in ctx.kept]
+        needs = ctx.needs_input_grad[3:]
+        inputs = [a.detach().requires_grad_(need) if isinstance(a, torch.Tensor) else a for a, need in zip(args, needs)]
+        with _replayed_rng(ctx), torch.enable_grad(), _autocast(ctx.autocast):
+            outputs = ctx.function(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs, output_grads)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        grads = [x.grad if need and isinstance(x, torch.Tensor) else None for x, need in zip(inputs, needs)]
+        return (None, None, None, *grads)
+
+
+_SAVED = object()  # marks an input kept through save_for_backward (not packed into another object)
+
+
+class _replayed_rng:
+    """The RNG state the forward started from, for the recomputation; the current one after."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __enter__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.ctx.devices]
+        torch.set_rng_state(self.ctx.cpu_rng)
+        for device, state in zip(self.ctx.devices, self.ctx.cuda_rng):
+            torch.cuda.set_rng_state(state, device)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.cpu)
+        for device, state in zip(self.ctx.devices, self.cuda):
+            torch.cuda.set_rng_state(state, device)
+
+
+class _autocast:
+    def __init__(self, settings):
+        self.contexts = [torch.autocast(kind, dtype=dtype) for kind, dtype in settings]
+
+    def __enter__(self):
+        for context in self.contexts:
+            context.__enter__()
+
+    def __exit__(self, *exc):
+        for context in reversed(self.contexts):
+            context.__exit__(*exc)
+
+
+class BlockCheckpoint:
+    """The checkpoint function of a model's blocks (transformers' ``_gradient_checkpointing_func``):
+    ``function(*args)`` through ``RecomputedBlock``. ``pack``/``unpack`` say how a block keeps a
+    tensor input until its backward: here as it is (``offload.CheckpointOffloader`` overrides them)."""
+
+    def __init__(self):
+        self._anchor = torch.empty(0, requires_grad=True)
+
+    def __call__(self, function, *args, **kwargs):
+        # kwargs: torch.utils.checkpoint's options (use_reentrant, preserve_rng_state, ...), which
+        # transformers 4 passes along; this scheme has one behaviour for all of them.
+        anchor = self._anchor if _trains(function) else None
+        return RecomputedBlock.apply(self, function, anchor, *args)
+
+    def pack(self, tensor: torch.Tensor):
+        return tensor
+
+    def unpack(self, packed):
+        return packed
+
+
+def install(model, checkpointer: BlockCheckpoint) -> BlockCheckpoint:
+    """Make ``checkpointer`` the checkpoint function of every module transformers gave one (the
+    decoder layers; in transformers 4 the decoder too, which calls it around each layer).
+    Gradient checkpointing must be on. Returns the checkpointer."""
+    replaced = 0
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True and hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = checkpointer
+            replaced += 1
+    if not replaced:
+        raise ValueError(f"{type(model).__name__}: gradient checkpointing is off; turn it on first")
+    return checkpointer
+
+
+def installed(model) -> BlockCheckpoint | None:
+    """The checkpointer the model's checkpointed blocks use, or None (torch's, or no checkpointing)."""
+    for module in model.modules():
+        function = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) is True and isinstance(function, BlockCheckpoint):
+            return function
+    return None
+
+
+def _trains(function) -> bool:
+    """Whether the block ``function`` runs has a parameter that takes a gradient (True where the
+    block cannot be told: transformers passes ``partial(forward, block, **kwargs)`` or a bound
+    ``__call__``)."""
+    block = getattr(function, "__self__", None)
+    if block is None and getattr(function, "args", None):
+        block = function.args[0]
+    if block is None:
+        block = getattr(getattr(function, "func", None), "__self__", None)
+    if not isinstance(block, torch.nn.Module):
+        return True
+    return any(p.requires_grad for p in block.parameters())
