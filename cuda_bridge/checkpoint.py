@@ -114,12 +114,17 @@ class BlockCheckpoint:
     tensor input until its backward: here as it is (``offload.CheckpointOffloader`` overrides them)."""
 
     def __init__(self):
-        self._anchor = torch.empty(0, requires_grad=True)
+        self._anchors = {}  # device -> the zero-size tensor (module docstring), on the block's device
 
     def __call__(self, function, *args, **kwargs):
         # kwargs: torch.utils.checkpoint's options (use_reentrant, preserve_rng_state, ...), which
         # transformers 4 passes along; this scheme has one behaviour for all of them.
-        anchor = self._anchor if _trains(function) else None
+        anchor = None
+        if _trains(function):
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+            if device not in self._anchors:
+                self._anchors[device] = torch.empty(0, device=device, requires_grad=True)
+            anchor = self._anchors[device]
         return RecomputedBlock.apply(self, function, anchor, *args)
 
     def pack(self, tensor: torch.Tensor):
