@@ -51,7 +51,7 @@ from cuda_bridge.checkpoint import BlockCheckpoint, install, installed
 
 
 class OffloadedInput:
-    """A checkpointed block's input while it waits on the host (what the pack hook returns)."""
+    """A checkpointed block's input while it waits on the host (what ``pack`` returns)."""
 
     __slots__ = ("host", "device", "previous", "prefetched", "restores", "source", "version", "__weakref__")
 

@@ -7,10 +7,13 @@ alone, on any machine (on a CPU the kernels are their torch references, so the c
 a GPU's). Prints the median time of a step's gradient and update and the Python function calls
 they make (cProfile, over separate steps).
 
-    python scripts/bench_host_step.py [--checkpoint macft|torch|none] [--load-in-4bit] [--steps 30]
+    python scripts/bench_host_step.py [--checkpoint macft|offload|torch|none] [--load-in-4bit] [--rows 40]
 
 ``--checkpoint torch`` keeps transformers' own checkpointing (torch.utils.checkpoint) in place of
-cuda_bridge.checkpoint, to compare the two.
+cuda_bridge.checkpoint, to compare the two; ``offload`` is ``use_gradient_checkpointing="unsloth"``.
+``--rows N`` also prints the N functions with the most own time. With ``--model-shape llama-3.2-1b
+--batch-size 4 --seq-len 2048`` on a GPU it profiles the bench's real step instead (the step time
+is then the GPU's where the host is faster).
 """
 
 import argparse
@@ -26,7 +29,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-shape", default="llama-3.2-1b-narrow")
     parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--checkpoint", choices=("macft", "torch", "none"), default="macft")
+    parser.add_argument("--checkpoint", choices=("macft", "offload", "torch", "none"), default="macft")
     parser.add_argument("--load-in-4bit", action="store_true")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=16)
@@ -49,8 +52,8 @@ def main():
         model_dir = build_shape_dir(args.model_shape, Path(tmp) / "model", tokenizer_dir=args.tokenizer)
         llm, tokenizer = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=args.seq_len,
                                                            load_in_4bit=args.load_in_4bit)
-        FastLanguageModel.get_peft_model(llm, r=16, lora_alpha=32,
-                                         use_gradient_checkpointing=args.checkpoint != "none")
+        checkpointing = {"none": False, "offload": "unsloth"}.get(args.checkpoint, True)
+        FastLanguageModel.get_peft_model(llm, r=16, lora_alpha=32, use_gradient_checkpointing=checkpointing)
         steps = warmup + 2 * args.steps
         rows = [{"text": t} for t in bench_texts(tokenizer, steps * args.batch_size, args.seq_len)]
         config = SFTConfig(output_dir=str(Path(tmp) / "out"), max_length=args.seq_len, max_steps=steps,

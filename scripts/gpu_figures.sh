@@ -183,8 +183,8 @@ cuda-host)  # issue 13: the host's time, where a step's Python goes, and checkpo
         LIMIT=90 row "cuda-host-step-$checkpoint-4bit" python3 scripts/bench_host_step.py --tokenizer "$TOKENIZER" \
             --checkpoint "$checkpoint" --load-in-4bit
     done
-    LIMIT=150 row cuda-cprofile-4bit python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" --load-in-4bit \
-        --host --rows 45
+    LIMIT=150 row cuda-cprofile-4bit python3 scripts/bench_host_step.py --tokenizer "$TOKENIZER" --load-in-4bit \
+        --model-shape llama-3.2-1b --batch-size 4 --seq-len 2048 --checkpoint offload --steps 4 --rows 45
     # cuda_bridge.checkpoint against torch's checkpointing (its install made a no-op), same process kind
     TORCH_CHECKPOINT=(python3 -c "import runpy, sys, cuda_bridge.checkpoint as c
 c.install = lambda model, checkpointer: checkpointer

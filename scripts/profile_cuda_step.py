@@ -8,9 +8,7 @@ more and prints the kernels and operators that took the most GPU time, summed ov
     python scripts/profile_cuda_step.py --tokenizer DIR [--load-in-4bit] [--batch-size 4 --seq-len 2048]
 
 With --sync-points it lists instead where those steps made the host wait for the GPU; with
---copies it adds where the copy operators were called from; with --host it runs Python's cProfile
-over those steps instead and prints the functions by their own host time (where a step that
-leaves the GPU idle spends its Python).
+--copies it adds where the copy operators were called from.
 """
 
 import argparse
@@ -37,8 +35,6 @@ def main():
                              "node that called them")
     parser.add_argument("--sync-points", action="store_true",
                         help="instead of the profile: where the measured steps make the host wait for the GPU")
-    parser.add_argument("--host", action="store_true",
-                        help="instead of the profile: Python's cProfile over the measured steps, by own time")
     args = parser.parse_args()
 
     import torch
@@ -75,9 +71,6 @@ def main():
         sync()
         if args.sync_points:
             print_sync_points(lambda: train(args.steps, args.warmup * args.batch_size), args.rows)
-            return
-        if args.host:
-            print_host_profile(lambda: train(args.steps, args.warmup * args.batch_size), args.rows)
             return
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.copies) as prof:
             measured = train(args.steps, args.warmup * args.batch_size)
@@ -122,44 +115,6 @@ def print_copy_callers(events, rows: int):
           "by caller")
     for key, us in time.most_common(rows):
         print(f"{us / 1e3:9.2f} ms {calls[key]:6d}  {key}")
-
-
-def print_host_profile(run, rows: int):
-    """Run ``run()`` with Python's cProfile on inside each step's gradient and update (not the
-    batch making, logging or the end-of-run saving) and print the functions by their own (tottime)
-    and by their cumulative host time. cProfile slows every Python call alike: read the shares."""
-    import cProfile
-    import pstats
-
-    from macft.training import TrainingLoop
-
-    profiler = cProfile.Profile()
-
-    def profiled(method):
-        def wrapper(*args, **kwargs):
-            profiler.enable()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                profiler.disable()
-        return wrapper
-
-    def family(cls):
-        return [cls] + [c for sub in cls.__subclasses__() for c in family(sub)]
-
-    # Backends override apply_gradients: wrap each class's own definition.
-    originals = [(cls, name, cls.__dict__[name]) for cls in family(TrainingLoop)
-                 for name in ("step_gradients", "apply_gradients") if name in cls.__dict__]
-    for cls, name, method in originals:
-        setattr(cls, name, profiled(method))
-    try:
-        run()
-    finally:
-        for cls, name, method in originals:
-            setattr(cls, name, method)
-    stats = pstats.Stats(profiler)
-    stats.sort_stats("tottime").print_stats(rows)
-    stats.sort_stats("cumulative").print_stats(rows)
 
 
 def print_sync_points(run, rows: int):
