@@ -8,7 +8,9 @@ On a GPU, decoding runs as one compiled function per step over fixed-size buffer
 (``macft.mlx.static_cache``): a small model's eager step waits on the host rebuilding its graph in
 Python. Models whose attention does not fit decode eagerly, as does the CPU by default
 (``compiled_decode_applies``). On a GPU, LoRA layers also run with the adapter merged into their
-weight for the rollout (``macft.mlx.merged_rollout``): one matmul each instead of three.
+weight for the rollout (``macft.mlx.merged_rollout``): one matmul each instead of three. On the
+CPU a quantized model's weights are dequantized once for the rollout, not at every token
+(``macft.mlx.quantized.dense_for_rollout``).
 """
 
 import contextlib
@@ -19,6 +21,7 @@ import mlx.core as mx
 from macft.mlx import static_cache
 from macft.mlx.gpu_default import on_gpu_unless
 from macft.mlx.merged_rollout import lora_merged, merged_rollout_applies
+from macft.mlx.quantized import dense_for_rollout
 from macft.rollout import Rollout, rollout_from_rows
 
 # mlx-lm model types whose attention uses a cache only through offset, update_and_fetch and the
@@ -47,7 +50,7 @@ def sample_completions(model, prompts: list[list[int]], *, num_samples: int = 1,
     was_training = model.training
     model.eval()
     try:
-        with lora_merged(model) if merged_rollout_applies() else contextlib.nullcontext():
+        with lora_merged(model) if merged_rollout_applies() else contextlib.nullcontext(), dense_for_rollout(model):
             cache = [BatchKVCache(left_padding) for _ in model.layers]
             logits = model(padded, cache=cache)[:, -1, :]
             rows = mx.repeat(mx.arange(len(prompts)), num_samples)

@@ -98,3 +98,65 @@ def test_a_quantized_head_in_chunks_dequantizes_once_a_pass(head_logps):
     np.testing.assert_allclose(np.array(grad), np.array(expected_grad), rtol=1e-3, atol=1e-4)
     dense_weight = 4096 * 256 * 4
     assert peak < 10 * dense_weight, peak  # one per chunk and pass: over 30
+
+
+def _rollout_spy(monkeypatch):
+    """Counts the layer calls that dequantize their weight for themselves."""
+    import macft.mlx.quantized as quantized
+
+    calls = []
+    dequantized_matmul = quantized._dequantized_matmul
+
+    def counted(x, layer):
+        calls.append(layer)
+        return dequantized_matmul(x, layer)
+
+    monkeypatch.setattr(quantized, "_dequantized_matmul", counted)
+    return calls
+
+
+def test_a_cpu_rollout_dequantizes_each_weight_once_and_samples_the_same_tokens(tiny_model_dir, monkeypatch):
+    """Four completions decode together (enough rows for the dequantizing path): with the dense
+    weights of ``dense_for_rollout`` no layer dequantizes for itself, the sampled tokens are those
+    of dequantizing at every call, and afterwards the layers are as they were."""
+    from contextlib import nullcontext
+
+    from mlx.utils import tree_flatten
+
+    import macft.mlx.quantized as quantized
+    from macft.mlx import sampling
+    from macft.mlx.fast import FastLanguageModel
+    from tests.mlx.test_static_decode import PROMPTS, perturb
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=True)
+    FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    perturb(model, 0)
+    names = sorted(name for name, _ in tree_flatten(model.parameters()))
+    quantized_layers = [m for _, m in model.named_modules()
+                        if isinstance(m, (DequantizingLinear, DequantizingEmbedding))]
+    matmuls = 7 * len(model.layers) + 1  # the projections and the head (the embedding gathers rows)
+    assert len(quantized_layers) == matmuls + 1
+
+    def rollout(dense):
+        if not dense:
+            monkeypatch.setattr(sampling, "dense_for_rollout", lambda model: nullcontext())
+        calls = _rollout_spy(monkeypatch)
+        mx.random.seed(5)
+        tokens = sampling.sample_completions(model, PROMPTS[:2], num_samples=4, max_tokens=6, temperature=1.0)
+        monkeypatch.undo()
+        return tokens, calls
+
+    (cached, cached_calls), (fresh, fresh_calls) = rollout(True), rollout(False)
+    assert cached == fresh
+    ids = mx.array([PROMPTS[2]] * 4)
+    with quantized.dense_for_rollout(model):
+        logits = model(ids)
+    np.testing.assert_array_equal(np.array(logits), np.array(model(ids)))
+    assert cached_calls == [] and len(fresh_calls) >= 6 * matmuls  # the prefill and five decoding steps
+    assert not any(hasattr(m, "rollout_weight") for m in quantized_layers)
+    assert sorted(name for name, _ in tree_flatten(model.parameters())) == names
+
+    monkeypatch.setattr(quantized, "ROLLOUT_DENSE_MEMORY_FRACTION", 0.0)  # the dense copies would not fit
+    calls = _rollout_spy(monkeypatch)
+    sampling.sample_completions(model, PROMPTS[:2], num_samples=4, max_tokens=2, temperature=1.0)
+    assert len(calls) >= matmuls
