@@ -4,10 +4,9 @@ keeping only its inputs, and its backward runs the block again with one and call
 Why not ``torch.utils.checkpoint`` (non-reentrant, what transformers sets up): it keeps a block's
 activations out of memory through saved-tensor hooks, a few Python calls for every tensor every op
 of the block saves, once when the forward saves it, again in the recomputation and when the
-backward reads it. At the Llama-3.2-1B shape that is ~60 tensors a block, and the hooks, their
-context managers and checks came to about 50 thousand Python calls a step, five times what the
-step's forward and backward make themselves (counted with cProfile, ``scripts/profile_cuda_step.py
---host``); on a GPU the host time is the step's time once the kernels outrun it. Here a block costs
+backward reads it. With the Llama-3.2-1B's sixteen blocks that came to about 45 thousand of a
+step's 71 thousand Python calls (``scripts/bench_host_step.py``, cProfile; 26 thousand with this
+module); on a GPU the host time is the step's time once the kernels outrun it. Here a block costs
 one autograd Function call each way.
 
 How (the reentrant scheme, as Unsloth's offloaded checkpointing and ``use_reentrant=True``):
@@ -29,6 +28,8 @@ A block's adapters need a gradient even where its input needs none (the first bl
 frozen embedding's output): the Function then gets a zero-size "anchor" tensor that requires a
 gradient as an extra input, so that autograd records it and calls its backward.
 """
+
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -76,36 +77,27 @@ class RecomputedBlock(torch.autograd.Function):
 _SAVED = object()  # marks an input kept through save_for_backward (not packed into another object)
 
 
-class _replayed_rng:
+@contextmanager
+def _replayed_rng(ctx):
     """The RNG state the forward started from, for the recomputation; the current one after."""
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-
-    def __enter__(self):
-        self.cpu = torch.get_rng_state()
-        self.cuda = [torch.cuda.get_rng_state(d) for d in self.ctx.devices]
-        torch.set_rng_state(self.ctx.cpu_rng)
-        for device, state in zip(self.ctx.devices, self.ctx.cuda_rng):
-            torch.cuda.set_rng_state(state, device)
-
-    def __exit__(self, *exc):
-        torch.set_rng_state(self.cpu)
-        for device, state in zip(self.ctx.devices, self.cuda):
+    cpu, cuda = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices]
+    torch.set_rng_state(ctx.cpu_rng)
+    for device, state in zip(ctx.devices, ctx.cuda_rng):
+        torch.cuda.set_rng_state(state, device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        for device, state in zip(ctx.devices, cuda):
             torch.cuda.set_rng_state(state, device)
 
 
-class _autocast:
-    def __init__(self, settings):
-        self.contexts = [torch.autocast(kind, dtype=dtype) for kind, dtype in settings]
-
-    def __enter__(self):
-        for context in self.contexts:
-            context.__enter__()
-
-    def __exit__(self, *exc):
-        for context in reversed(self.contexts):
-            context.__exit__(*exc)
+@contextmanager
+def _autocast(settings):
+    with ExitStack() as stack:
+        for kind, dtype in settings:
+            stack.enter_context(torch.autocast(kind, dtype=dtype))
+        yield
 
 
 class BlockCheckpoint:
@@ -134,27 +126,28 @@ class BlockCheckpoint:
         return packed
 
 
+def _checkpointed(model):
+    """The modules transformers gave a checkpoint function (the decoder layers; in transformers 4
+    the decoder too, which calls it around each layer)."""
+    return [m for m in model.modules()
+            if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func")]
+
+
 def install(model, checkpointer: BlockCheckpoint) -> BlockCheckpoint:
-    """Make ``checkpointer`` the checkpoint function of every module transformers gave one (the
-    decoder layers; in transformers 4 the decoder too, which calls it around each layer).
-    Gradient checkpointing must be on. Returns the checkpointer."""
-    replaced = 0
-    for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) is True and hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = checkpointer
-            replaced += 1
-    if not replaced:
+    """Make ``checkpointer`` the checkpoint function of the model's checkpointed modules. Gradient
+    checkpointing must be on. Returns the checkpointer."""
+    modules = _checkpointed(model)
+    if not modules:
         raise ValueError(f"{type(model).__name__}: gradient checkpointing is off; turn it on first")
+    for module in modules:
+        module._gradient_checkpointing_func = checkpointer
     return checkpointer
 
 
 def installed(model) -> BlockCheckpoint | None:
     """The checkpointer the model's checkpointed blocks use, or None (torch's, or no checkpointing)."""
-    for module in model.modules():
-        function = getattr(module, "_gradient_checkpointing_func", None)
-        if getattr(module, "gradient_checkpointing", False) is True and isinstance(function, BlockCheckpoint):
-            return function
-    return None
+    return next((m._gradient_checkpointing_func for m in _checkpointed(model)
+                 if isinstance(m._gradient_checkpointing_func, BlockCheckpoint)), None)
 
 
 def _trains(function) -> bool:
