@@ -146,8 +146,15 @@ cuda-1b)  # issue 13: 1B, batch 4: bf16 >= 1.1x Unsloth, 4-bit >= 1.0x, at <= it
     export MACFT_BACKEND=cuda
     sft=(python3 -m macft bench sft --backend cuda "${SHAPE[@]}" --seq-len 2048 --batch-size 4 --lora-rank 16
          --steps 6 --warmup 3 --grad-checkpoint --offload-checkpoints --unsloth-python python3)
-    row cuda-1b-bf16 "${sft[@]}" --json "$OUT/cuda-1b-bf16.json"
-    row cuda-1b-4bit "${sft[@]}" --load-in-4bit --json "$OUT/cuda-1b-4bit.json"
+    # each with Unsloth's kernel table beside macft's (profile_cuda_step.py): where the two steps differ
+    for base in bf16 4bit; do
+        flag=()
+        [ "$base" = 4bit ] && flag=(--load-in-4bit)
+        MACFT_PEER_PROFILE="$OUT/unsloth-kernels-$base.txt" row "cuda-1b-$base" "${sft[@]}" "${flag[@]}" \
+            --json "$OUT/cuda-1b-$base.json"
+        LIMIT=150 row "cuda-kernels-$base" python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" "${flag[@]}" \
+            --rows 45
+    done
     ;;
 cuda-8b | cuda-8b-4bit)  # issue 13: 8B, batch 1 (one call each: the 16 GB random model is written each time)
     export MACFT_BACKEND=cuda
@@ -176,15 +183,6 @@ cuda-sync)  # issue 13: why the bridge's 4-bit step idles the GPU (its kernels t
     ;;
 cuda-host)  # issue 13: the host's time, where a step's Python goes, and checkpointing's share (no kit needed)
     export MACFT_BACKEND=cuda
-    LIMIT=60 row cuda-quant-host python3 scripts/bench_quant_host.py
-    for checkpoint in torch macft; do  # the 1B's blocks, narrow: the step's host time alone
-        LIMIT=90 row "cuda-host-step-$checkpoint" python3 scripts/bench_host_step.py --tokenizer "$TOKENIZER" \
-            --checkpoint "$checkpoint"
-        LIMIT=90 row "cuda-host-step-$checkpoint-4bit" python3 scripts/bench_host_step.py --tokenizer "$TOKENIZER" \
-            --checkpoint "$checkpoint" --load-in-4bit
-    done
-    LIMIT=150 row cuda-cprofile-4bit python3 scripts/bench_host_step.py --tokenizer "$TOKENIZER" --load-in-4bit \
-        --model-shape llama-3.2-1b --batch-size 4 --seq-len 2048 --checkpoint offload --steps 4 --rows 45
     # cuda_bridge.checkpoint against torch's checkpointing (its install made a no-op), same process kind
     TORCH_CHECKPOINT=(python3 -c "import runpy, sys, cuda_bridge.checkpoint as c
 c.install = lambda model, checkpointer: checkpointer
@@ -198,6 +196,15 @@ runpy.run_module('macft', run_name='__main__')")
         row "cuda-ckpt-torch-$base" "${TORCH_CHECKPOINT[@]}" "${sft[@]}" "${flag[@]}"
         row "cuda-ckpt-macft-$base" python3 -m macft "${sft[@]}" "${flag[@]}"
     done
+    LIMIT=60 row cuda-quant-host python3 scripts/bench_quant_host.py
+    for checkpoint in torch macft; do  # the 1B's blocks, narrow: the step's host time alone
+        LIMIT=90 row "cuda-host-step-$checkpoint" python3 scripts/bench_host_step.py --tokenizer "$TOKENIZER" \
+            --checkpoint "$checkpoint"
+        LIMIT=90 row "cuda-host-step-$checkpoint-4bit" python3 scripts/bench_host_step.py --tokenizer "$TOKENIZER" \
+            --checkpoint "$checkpoint" --load-in-4bit
+    done
+    LIMIT=150 row cuda-cprofile-4bit python3 scripts/bench_host_step.py --tokenizer "$TOKENIZER" --load-in-4bit \
+        --model-shape llama-3.2-1b --batch-size 4 --seq-len 2048 --checkpoint offload --steps 4 --rows 45
     LIMIT=150 row cuda-kernels-bf16 python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" --rows 45 --copies
     ;;
 cuda-tests)  # the GPU tests: kernels against their references with time and peak, offload, QLoRA

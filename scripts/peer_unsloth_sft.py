@@ -10,9 +10,14 @@ process with macft's bridge. The step loop is macft's own (``macft/peer_loop.py`
 the HF + PEFT peer runs; the model, its LoRA and its gradient checkpointing are Unsloth's
 (``use_gradient_checkpointing="unsloth"``: its offloaded checkpointing, as Unsloth users run it).
 Prints one line: ``MACFT_PEER_RESULT {json}``.
+
+With MACFT_PEER_PROFILE=FILE it then profiles two more steps (torch.profiler) and writes the
+operators and kernels by GPU time to FILE: the table ``scripts/profile_cuda_step.py`` prints for
+macft's step, so the two steps compare kernel by kernel.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +49,22 @@ def main(spec_path):
                                max_grad_norm=spec["max_grad_norm"])
     result["versions"] = {"unsloth": getattr(unsloth, "__version__", "?"), "torch": torch.__version__}
     print("MACFT_PEER_RESULT " + json.dumps(result), flush=True)
+    if os.environ.get("MACFT_PEER_PROFILE"):
+        write_kernel_table(model, batches[:2], spec, Path(os.environ["MACFT_PEER_PROFILE"]))
+
+
+def write_kernel_table(model, batches, spec, path, rows: int = 45):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from macft.peer_loop import train_torch_steps
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = train_torch_steps(model, batches, 0, learning_rate=spec["learning_rate"],
+                                   max_grad_norm=spec["max_grad_norm"])
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
+    path.write_text(f"Unsloth, profiled steps (s): {result['step_seconds']}\n{table}\n")
 
 
 if __name__ == "__main__":
