@@ -75,12 +75,19 @@ def _adapter(projection):
 
 
 def _project(base, a, b, scale, x2):
-    """(out, x A) for one projection of the rows x2, as LoRALinear's forward computes it."""
+    """(out, x A) for one projection of the rows x2, as LoRALinear's forward computes it; A and B
+    already in x2's dtype."""
     y = base(x2)
     if a is None:
         return y, None
-    xa = x2 @ a.to(x2.dtype)
+    xa = x2 @ a
     return add_adapter(y, xa, b, scale), xa
+
+
+def _in_dtype(adapters, dtype):
+    """The adapter matrices cast to the activations' dtype once, for the forward and the backward
+    alike (None stays None)."""
+    return [None if t is None else t.to(dtype) for t in adapters]
 
 
 def _base_input_grad(base, grad):
@@ -94,14 +101,14 @@ def _base_input_grad(base, grad):
 
 def _adapter_grads(a, b, scale, x, xa, grad, dx):
     """LoRA's share of one projection's backward, as autograd of addmm computes it: the adapter
-    gradients (float32, the parameters' dtype), and x's gradient through the adapter added into dx."""
+    gradients (in grad's dtype; A and B in it too), and x's gradient through the adapter added into dx."""
     if a is None:
         return None, None
-    d_xa = (grad @ b.to(grad.dtype).t()) * scale
+    d_xa = (grad @ b.t()) * scale
     grad_b = (xa.t() @ grad) * scale
     grad_a = x.t() @ d_xa
-    dx.addmm_(d_xa, a.to(grad.dtype).t())
-    return grad_a.to(a.dtype), grad_b.to(b.dtype)
+    dx.addmm_(d_xa, a.t())
+    return grad_a, grad_b
 
 
 # ----------------------------------------------------------------------------- the Function
@@ -114,12 +121,14 @@ class LoRAMLPFunction(torch.autograd.Function):
         gate_proj, up_proj, down_proj = projections
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
-            gate, xa_gate = _project(gate_proj[0], a_gate, b_gate, gate_proj[3], x2)
-            up, xa_up = _project(up_proj[0], a_up, b_up, up_proj[3], x2)
+            adapters = _in_dtype((a_gate, b_gate, a_up, b_up, a_down, b_down), x.dtype)
+            gate, xa_gate = _project(gate_proj[0], *adapters[0:2], gate_proj[3], x2)
+            up, xa_up = _project(up_proj[0], *adapters[2:4], up_proj[3], x2)
             h = _glu(gate, up, act)
-            y, ha_down = _project(down_proj[0], a_down, b_down, down_proj[3], h)
-        ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, ha_down, a_gate, b_gate, a_up, b_up, a_down, b_down)
+            y, ha_down = _project(down_proj[0], *adapters[4:6], down_proj[3], h)
+        ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, ha_down, *adapters)
         ctx.projections, ctx.act, ctx.input_shape = projections, act, x.shape
+        ctx.adapter_dtypes = [None if t is None else t.dtype for t in (a_gate, b_gate, a_up, b_up, a_down, b_down)]
         ctx.used = False
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -135,22 +144,23 @@ class LoRAMLPFunction(torch.autograd.Function):
 
         dh = _base_input_grad(down_base, dy)
         if a_down is not None:  # the adapter's share of dh, before the buffer turns into h
-            d_ha = (dy @ b_down.to(dy.dtype).t()) * s_down
-            dh.addmm_(d_ha, a_down.to(dy.dtype).t())
+            d_ha = (dy @ b_down.t()) * s_down
+            dh.addmm_(d_ha, a_down.t())
         _glu_backward_in_place(dh, gate, up, ctx.act)
         h, d_gate, d_up = dh, gate, up
         grad_a_down = grad_b_down = None
         if a_down is not None:
-            grad_a_down = (h.t() @ d_ha).to(a_down.dtype)
-            grad_b_down = ((ha_down.t() @ dy) * s_down).to(b_down.dtype)
+            grad_a_down = h.t() @ d_ha
+            grad_b_down = (ha_down.t() @ dy) * s_down
         del h, dh
 
         dx = _base_input_grad(gate_base, d_gate)
         dx += _base_input_grad(up_base, d_up)
         grad_a_gate, grad_b_gate = _adapter_grads(a_gate, b_gate, s_gate, x2, xa_gate, d_gate, dx)
         grad_a_up, grad_b_up = _adapter_grads(a_up, b_up, s_up, x2, xa_up, d_up, dx)
-        return (dx.view(ctx.input_shape), grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down,
-                None, None)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(
+            (grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down), ctx.adapter_dtypes)]
+        return (dx.view(ctx.input_shape), *grads, None, None)
 
 
 # ----------------------------------------------------------------------------- when and how
