@@ -26,6 +26,8 @@ nothing changes. DoRA keeps mlx-lm's DoRALinear arithmetic (the input promoted t
 MLX core does, so that both backends compute the same DoRA.
 """
 
+import contextlib
+import contextvars
 import json
 import math
 import warnings
@@ -76,6 +78,9 @@ class LoRALinear(nn.Module):
         return (self.scale * self.lora_b.t()) @ self.lora_a.t()
 
     def forward(self, x):
+        precomputed = _PRECOMPUTED.get()
+        if precomputed is not None and precomputed[0] is x and self in precomputed[1]:
+            return precomputed[1][self]
         if self.disabled:
             return self.linear(x)
         if self.use_dora:
@@ -107,6 +112,21 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self):
         return f"r={self.lora_a.shape[1]}, scale={self.scale}, dora={self.use_dora}"
+
+
+_PRECOMPUTED = contextvars.ContextVar("macft_lora_precomputed", default=None)
+
+
+@contextlib.contextmanager
+def precomputed_outputs(x, outputs: dict):
+    """Inside the block, a LoRALinear among ``outputs`` called on ``x`` itself (the same tensor)
+    returns its entry instead of computing it: ``kernels.lora_qkv`` computes q, k and v together,
+    then HF's attention forward calls the three layers as usual."""
+    token = _PRECOMPUTED.set((x, outputs))
+    try:
+        yield
+    finally:
+        _PRECOMPUTED.reset(token)
 
 
 def add_adapter(y, xa, lora_b, scale):

@@ -1,4 +1,4 @@
-"""Route a transformers model's RMSNorm, RoPE and gated MLP through cuda_bridge's kernels.
+"""Route a transformers model's RMSNorm, RoPE, gated MLP and LoRA q, k, v through the kernels.
 
 Per instance, not process-wide: each patched module's class is swapped for a cached subclass
 (same name, same parameters, same state-dict keys) whose ``forward`` calls the kernel's public
@@ -10,6 +10,10 @@ once with a function that is the original everywhere except inside the forward o
 module patched here (a context variable says so), where it calls ``kernels.rope.apply_rope`` (same
 semantics: HF's rotate-half convention, partial rotary included). The flag is set by the
 attention module's own forward, so gradient-checkpoint recomputation takes the kernel too.
+
+The same attention forward computes an adapted q, k and v through ``kernels.lora_qkv`` while
+training and hands them to HF's code (``lora.precomputed_outputs``), which calls the three
+projections as usual.
 
 Every kernel falls back to its plain-torch reference off CUDA (and with MACFT_KERNELS=reference),
 and the references are written like HF's code, so a patched model gives plain transformers'
@@ -135,8 +139,15 @@ def _fused_mlp_forward(self, hidden_states):
 
 
 def _attention_forward(self, *args, **kwargs):
+    from cuda_bridge.kernels import lora_qkv
+    from cuda_bridge.lora import precomputed_outputs
+
     token = _KERNEL_ROPE.set(True)
     try:
+        x = args[0] if args else kwargs.get("hidden_states")
+        if x is not None and lora_qkv.applies(self, x):  # LoRA training: q, k, v as one Function
+            with precomputed_outputs(x, lora_qkv.projected(self, x)):
+                return super(type(self), self).forward(*args, **kwargs)
         return super(type(self), self).forward(*args, **kwargs)
     finally:
         _KERNEL_ROPE.reset(token)
