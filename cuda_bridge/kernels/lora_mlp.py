@@ -90,13 +90,16 @@ def _in_dtype(adapters, dtype):
     return [None if t is None else t.to(dtype) for t in adapters]
 
 
-def _base_input_grad(base, grad):
-    """grad @ W: the input gradient through a frozen base layer (dequantized for a quantized one)."""
+def _base_input_grad(base, grad, into=None):
+    """grad @ W: the input gradient through a frozen base layer (dequantized for a quantized one);
+    with ``into``, added into that buffer inside the GEMM (beta = 1) rather than by a pass of its own."""
     if hasattr(base, "group_size"):
         from cuda_bridge.kernels.quant_matmul import quant_matmul_input_grad
 
-        return quant_matmul_input_grad(grad, base.weight, base.scales, base.biases, base.group_size, base.bits)
-    return grad @ base.weight.to(grad.dtype)
+        return quant_matmul_input_grad(grad, base.weight, base.scales, base.biases, base.group_size, base.bits,
+                                       into=into)
+    weight = base.weight.to(grad.dtype)
+    return grad @ weight if into is None else into.addmm_(grad, weight)
 
 
 def _adapter_grads(a, b, scale, x, xa, grad, dx):
@@ -154,8 +157,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             grad_b_down = (ha_down.t() @ dy) * s_down
         del h, dh
 
-        dx = _base_input_grad(gate_base, d_gate)
-        dx += _base_input_grad(up_base, d_up)
+        dx = _base_input_grad(up_base, d_up, into=_base_input_grad(gate_base, d_gate))
         grad_a_gate, grad_b_gate = _adapter_grads(a_gate, b_gate, s_gate, x2, xa_gate, d_gate, dx)
         grad_a_up, grad_b_up = _adapter_grads(a_up, b_up, s_up, x2, xa_up, d_up, dx)
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(

@@ -60,9 +60,9 @@ class LoRAQKVFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         x2, xa, a_joined, *bs = ctx.saved_tensors
         grads = [g.reshape(-1, g.shape[-1]) for g in grads]
-        dx = None
-        for base, grad in zip(ctx.bases, grads):
-            dx = _add_base_input_grad(dx, base, grad)
+        dx = _base_input_grad(ctx.bases[0], grads[0])
+        for base, grad in zip(ctx.bases[1:], grads[1:]):
+            _base_input_grad(base, grad, into=dx)
         d_xa = torch.cat([(grad @ b.t()) * scale for grad, b, scale in zip(grads, bs, ctx.scales)], dim=1)
         dx.addmm_(d_xa, a_joined.t())
         grad_as = (x2.t() @ d_xa).split(ctx.ranks, dim=1)
@@ -71,15 +71,6 @@ class LoRAQKVFunction(torch.autograd.Function):
         pairs = [g for pair in zip(grad_as, grad_bs) for g in pair]
         adapter_grads = [g.to(dtype) for g, dtype in zip(pairs, ctx.adapter_dtypes)]
         return (dx.view(ctx.input_shape), *adapter_grads, *([None] * len(pairs)))
-
-
-def _add_base_input_grad(dx, base, grad):
-    """dx + grad @ W (dx None: grad @ W alone); a dense base's product is added inside the GEMM."""
-    if dx is None:
-        return _base_input_grad(base, grad)
-    if hasattr(base, "group_size"):
-        return dx.add_(_base_input_grad(base, grad))
-    return dx.addmm_(grad, base.weight.to(grad.dtype))
 
 
 def _adapted(attention) -> list:

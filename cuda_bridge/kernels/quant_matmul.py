@@ -451,17 +451,25 @@ def quant_matmul(x, packed, scales, biases, group_size: int = 64, bits: int = 4)
     return quant_matmul_reference(x, packed, scales, biases, group_size, bits)
 
 
-def quant_matmul_input_grad(grad_y, packed, scales, biases, group_size: int = 64, bits: int = 4):
+def quant_matmul_input_grad(grad_y, packed, scales, biases, group_size: int = 64, bits: int = 4, into=None):
     """grad_y (..., out) @ w -> (..., in): quant_matmul's input gradient, outside autograd (its own
-    backward, and Functions with a hand-written backward such as ``kernels.lora_mlp``)."""
+    backward, and Functions with a hand-written backward such as ``kernels.lora_mlp``). With
+    ``into`` (a contiguous (..., in) tensor) the product is added into it and it is returned: inside
+    the GEMM (beta = 1) where the weight is dequantized for cuBLAS, instead of a pass of its own."""
     packed = as_int32(packed)
     out_features, in_features = _check_format(packed, scales, biases, group_size, bits)
     if triton is not None and use_triton(grad_y, packed):
         g2 = grad_y.reshape(-1, out_features).contiguous()
-        dx = _launch_bwd_x(g2, packed.contiguous(), scales.contiguous(), biases.contiguous(), group_size, bits,
-                           in_features)
-        return dx.reshape(*grad_y.shape[:-1], in_features)
-    return grad_y @ dequantize_affine_reference(packed, scales, biases, group_size, bits).to(grad_y.dtype)
+        packed, scales, biases = packed.contiguous(), scales.contiguous(), biases.contiguous()
+        if into is not None and g2.shape[0] > FUSED_MAX_ROWS_BWD:
+            weight = _dequantize_triton(packed, scales, biases, group_size, bits).to(g2.dtype)
+            into.view(-1, in_features).addmm_(g2, weight)
+            return into
+        dx = _launch_bwd_x(g2, packed, scales, biases, group_size, bits, in_features)
+        dx = dx.reshape(*grad_y.shape[:-1], in_features)
+    else:
+        dx = grad_y @ dequantize_affine_reference(packed, scales, biases, group_size, bits).to(grad_y.dtype)
+    return dx if into is None else into.add_(dx)
 
 
 # ----------------------------------------------------------------------------- modules

@@ -124,6 +124,22 @@ def test_quant_matmul_fp32_forward_and_grad_x(bits, group_size, path, assert_clo
     assert_close(gx, gx_ref, "grad_x")
 
 
+@pytest.mark.parametrize("path", ["fused", "dequantize_then_matmul", "reference"])
+def test_input_grad_added_into_a_buffer(path, assert_close, monkeypatch):
+    """quant_matmul_input_grad(..., into=buf) adds grad @ w into buf (and returns it) on every path."""
+    if path == "dequantize_then_matmul":
+        monkeypatch.setattr(qm, "FUSED_MAX_ROWS_BWD", 0)
+    if path == "reference":
+        monkeypatch.setenv("MACFT_KERNELS", "reference")
+    w = _weight(40, 96, torch.float32)
+    packed, scales, biases = qm.quantize_affine(w, 32, 4)
+    grad_y, start = torch.randn(9, 40), torch.randn(9, 96)
+    buffer = start.clone()
+    assert qm.quant_matmul_input_grad(grad_y, packed, scales, biases, 32, 4, into=buffer) is buffer
+    dense = qm.dequantize_affine_reference(packed, scales, biases, 32, 4)
+    assert_close(buffer, start + grad_y @ dense, path)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_quant_matmul_low_precision(dtype, assert_close):
     w = _weight(40, 128, dtype)
