@@ -84,7 +84,7 @@ def test_logits_equal_transformers(tiny_model_dir, arch):
 
 def test_kernels_run_under_the_triton_interpreter(tiny_model_dir, monkeypatch):
     """The Triton kernels (CPU interpreter here, CUDA on a GPU) give transformers' logits and the
-    reference path's LoRA gradients (the fused LoRA MLP's included)."""
+    reference path's LoRA gradients (the fused LoRA MLP's and q, k, v's included)."""
     import os
 
     from cuda_bridge.kernels import lora_mlp, lora_qkv, rms_norm, rope, swiglu
