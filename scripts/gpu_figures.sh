@@ -14,6 +14,7 @@
 # datasets with its dependencies), installed with --target into /tmp/site-peer.
 # Each command's whole output goes to $OUT/<row>.log (default ./gpu-figures); the figures are
 # echoed. A row that fails or runs past $LIMIT seconds (default 280) does not stop the others.
+# BUNDLE=1 packs $OUT's files into one $OUT/<part>.tgz at the end (the device returns 8 files a call).
 set -uo pipefail
 
 PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-host|cuda-tests"}
@@ -217,3 +218,7 @@ cuda-tests)  # the GPU tests: kernels against their references with time and pea
     exit 2
     ;;
 esac
+
+if [ "${BUNDLE:-0}" = 1 ]; then
+    (cd "$OUT" && tar czf "$PART.tgz" --exclude='*.tgz' -- * && find . -maxdepth 1 -type f ! -name '*.tgz' -delete)
+fi
