@@ -140,6 +140,37 @@ def add_adapter(y, xa, lora_b, scale):
     return torch.addmm(rows, xa.reshape(-1, xa.shape[-1]), lora_b.to(xa.dtype), alpha=scale).view(y.shape)
 
 
+def in_dtype(adapters, dtype):
+    """The adapter matrices cast to the activations' dtype once, for a fused Function's forward and
+    backward alike (None stays None)."""
+    return [None if t is None else t.to(dtype) for t in adapters]
+
+
+def base_input_grad(base, grad, into=None):
+    """grad @ W: the input gradient through a frozen base layer (dequantized for a quantized one);
+    with ``into``, added into that buffer inside the GEMM (beta = 1) rather than by a pass of its own."""
+    if is_quantized(base):
+        from cuda_bridge.kernels.quant_matmul import quant_matmul_input_grad
+
+        return quant_matmul_input_grad(grad, base.weight, base.scales, base.biases, base.group_size, base.bits,
+                                       into=into)
+    weight = base.weight.to(grad.dtype)
+    return grad @ weight if into is None else into.addmm_(grad, weight)
+
+
+def fusable(projection) -> bool:
+    """Whether a fused LoRA Function (``kernels.lora_mlp``, ``kernels.lora_qkv``) computes this
+    projection as its module would: a frozen base, and an adapter without dropout or DoRA that is
+    on and trained (or no adapter)."""
+    base = getattr(projection, "linear", projection)
+    if any(p.requires_grad for p in base.parameters()):
+        return False  # a trained base (full fine-tuning) needs its weight gradient: autograd's job
+    if not hasattr(projection, "lora_a"):
+        return True
+    return (not projection.use_dora and not projection.disabled and isinstance(projection.dropout, nn.Identity)
+            and projection.lora_a.requires_grad and projection.lora_b.requires_grad)
+
+
 def _device_of(module):
     for t in list(module.parameters()) + list(module.buffers()):
         return t.device

@@ -20,6 +20,7 @@ and the references are written like HF's code, so a patched model gives plain tr
 numbers there.
 """
 
+import contextlib
 import contextvars
 import sys
 
@@ -145,10 +146,9 @@ def _attention_forward(self, *args, **kwargs):
     token = _KERNEL_ROPE.set(True)
     try:
         x = args[0] if args else kwargs.get("hidden_states")
-        if x is not None and lora_qkv.applies(self, x):  # LoRA training: q, k, v as one Function
-            with precomputed_outputs(x, lora_qkv.projected(self, x)):
-                return super(type(self), self).forward(*args, **kwargs)
-        return super(type(self), self).forward(*args, **kwargs)
+        fused = x is not None and lora_qkv.applies(self, x)  # LoRA training: q, k, v as one Function
+        with precomputed_outputs(x, lora_qkv.projected(self, x)) if fused else contextlib.nullcontext():
+            return super(type(self), self).forward(*args, **kwargs)
     finally:
         _KERNEL_ROPE.reset(token)
 

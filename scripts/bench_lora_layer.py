@@ -20,20 +20,22 @@ def separate_passes(layer, x):
     return layer.linear(x) + layer.scale * z
 
 
-def step_ms(forward, x, repeats):
-    def once():
-        forward(x).float().sum().backward()
-
+def call_ms(once, cuda: bool, repeats: int) -> float:
+    """Milliseconds per call of ``once`` after three warm-up calls (the GPU's work included)."""
     for _ in range(3):
         once()
-    if x.is_cuda:
+    if cuda:
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
         once()
-    if x.is_cuda:
+    if cuda:
         torch.cuda.synchronize()
     return 1e3 * (time.perf_counter() - started) / repeats
+
+
+def step_ms(forward, x, repeats):
+    return call_ms(lambda: forward(x).float().sum().backward(), x.is_cuda, repeats)
 
 
 def main():

@@ -9,11 +9,11 @@ alternate, twice each, and each prints its milliseconds per forward + backward.
 """
 
 import argparse
-import time
 
 import torch
 from torch import nn
 
+from bench_lora_layer import call_ms  # this script's folder is on the path when it runs
 from cuda_bridge.kernels import lora_qkv
 from cuda_bridge.lora import LoRALinear
 
@@ -27,22 +27,6 @@ def attention_projections(hidden, kv, rank, device, dtype):
             layer.lora_b.normal_(0, 0.02)
         setattr(attention, name, layer)
     return attention
-
-
-def step_ms(forward, x, grads, repeats):
-    def once():
-        torch.autograd.backward(forward(x), grads)
-
-    for _ in range(3):
-        once()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        once()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - started) / repeats
 
 
 def main():
@@ -70,8 +54,8 @@ def main():
 
     times = {"one by one": [], "one Function": []}
     for _ in range(2):
-        times["one by one"].append(step_ms(one_by_one, x, grads, args.repeats))
-        times["one Function"].append(step_ms(fused, x, grads, args.repeats))
+        for name, forward in (("one by one", one_by_one), ("one Function", fused)):
+            times[name].append(call_ms(lambda: torch.autograd.backward(forward(x), grads), x.is_cuda, args.repeats))
     shape = f"{args.rows} x {args.hidden} -> {args.hidden}, {args.kv}, {args.kv}, r{args.rank}"
     print(f"{device} {str(dtype).removeprefix('torch.')} q, k, v forward + backward ({shape}): "
           + "; ".join(f"{name} {' / '.join(f'{t:.2f}' for t in ms)} ms" for name, ms in times.items()))

@@ -35,7 +35,7 @@ import torch
 
 from cuda_bridge.kernels.dispatch import use_triton
 from cuda_bridge.kernels.swiglu import _GELU_TANH, _SILU, _SQRT_2_OVER_PI
-from cuda_bridge.lora import add_adapter
+from cuda_bridge.lora import add_adapter, base_input_grad, fusable, in_dtype
 
 try:  # Triton is optional: without it the module-by-module MLP runs.
     import triton
@@ -84,24 +84,6 @@ def _project(base, a, b, scale, x2):
     return add_adapter(y, xa, b, scale), xa
 
 
-def _in_dtype(adapters, dtype):
-    """The adapter matrices cast to the activations' dtype once, for the forward and the backward
-    alike (None stays None)."""
-    return [None if t is None else t.to(dtype) for t in adapters]
-
-
-def _base_input_grad(base, grad, into=None):
-    """grad @ W: the input gradient through a frozen base layer (dequantized for a quantized one);
-    with ``into``, added into that buffer inside the GEMM (beta = 1) rather than by a pass of its own."""
-    if hasattr(base, "group_size"):
-        from cuda_bridge.kernels.quant_matmul import quant_matmul_input_grad
-
-        return quant_matmul_input_grad(grad, base.weight, base.scales, base.biases, base.group_size, base.bits,
-                                       into=into)
-    weight = base.weight.to(grad.dtype)
-    return grad @ weight if into is None else into.addmm_(grad, weight)
-
-
 def _adapter_grads(a, b, scale, x, xa, grad, dx):
     """LoRA's share of one projection's backward, as autograd of addmm computes it: the adapter
     gradients (in grad's dtype; A and B in it too), and x's gradient through the adapter added into dx."""
@@ -124,7 +106,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         gate_proj, up_proj, down_proj = projections
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
-            adapters = _in_dtype((a_gate, b_gate, a_up, b_up, a_down, b_down), x.dtype)
+            adapters = in_dtype((a_gate, b_gate, a_up, b_up, a_down, b_down), x.dtype)
             gate, xa_gate = _project(gate_proj[0], *adapters[0:2], gate_proj[3], x2)
             up, xa_up = _project(up_proj[0], *adapters[2:4], up_proj[3], x2)
             h = _glu(gate, up, act)
@@ -145,7 +127,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         (gate_base, _, _, s_gate), (up_base, _, _, s_up), (down_base, _, _, s_down) = ctx.projections
         dy = dy.reshape(-1, dy.shape[-1]).contiguous()
 
-        dh = _base_input_grad(down_base, dy)
+        dh = base_input_grad(down_base, dy)
         if a_down is not None:  # the adapter's share of dh, before the buffer turns into h
             d_ha = (dy @ b_down.t()) * s_down
             dh.addmm_(d_ha, a_down.t())
@@ -157,7 +139,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             grad_b_down = (ha_down.t() @ dy) * s_down
         del h, dh
 
-        dx = _base_input_grad(up_base, d_up, into=_base_input_grad(gate_base, d_gate))
+        dx = base_input_grad(up_base, d_up, into=base_input_grad(gate_base, d_gate))
         grad_a_gate, grad_b_gate = _adapter_grads(a_gate, b_gate, s_gate, x2, xa_gate, d_gate, dx)
         grad_a_up, grad_b_up = _adapter_grads(a_up, b_up, s_up, x2, xa_up, d_up, dx)
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(
@@ -168,21 +150,11 @@ class LoRAMLPFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- when and how
 
 
-def _fusable(projection) -> bool:
-    base = getattr(projection, "linear", projection)
-    if any(p.requires_grad for p in base.parameters()):
-        return False  # a trained base (full fine-tuning) needs its weight gradient: autograd's job
-    if not hasattr(projection, "lora_a"):
-        return True
-    return (not projection.use_dora and not projection.disabled and isinstance(projection.dropout, torch.nn.Identity)
-            and projection.lora_a.requires_grad and projection.lora_b.requires_grad)
-
-
 def applies(mlp, x) -> bool:
     """Whether ``lora_mlp`` takes this MLP call (see the module docstring)."""
     projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     return (triton is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled() and use_triton(x)
-            and any(hasattr(p, "lora_a") for p in projections) and all(_fusable(p) for p in projections))
+            and any(hasattr(p, "lora_a") for p in projections) and all(fusable(p) for p in projections))
 
 
 def lora_mlp(x, gate_proj, up_proj, down_proj, activation: str = "swiglu"):

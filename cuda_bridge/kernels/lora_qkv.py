@@ -22,15 +22,14 @@ order of the sums.
 HF's attention forward calls q_proj, k_proj and v_proj itself; ``projected`` computes the three
 outputs first and the LoRALinear layers hand them back when that forward calls them with the same
 input (``cuda_bridge.lora.precomputed_outputs``). The Function takes the adapted projections among
-q, k, v when there are two or more and they qualify as ``lora_mlp``'s do (frozen bases; no
+q, k, v when there are two or more and all three qualify (``lora.fusable``: frozen bases; no
 dropout, DoRA or disabled adapter); a projection without an adapter runs as it is.
 """
 
 import torch
 
 from cuda_bridge.kernels.dispatch import use_triton
-from cuda_bridge.kernels.lora_mlp import _base_input_grad, _fusable, _in_dtype
-from cuda_bridge.lora import add_adapter
+from cuda_bridge.lora import add_adapter, base_input_grad, fusable, in_dtype
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
@@ -44,15 +43,16 @@ class LoRAQKVFunction(torch.autograd.Function):
         adapters, layers = args[:2 * count], args[2 * count:]
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
-            cast = _in_dtype(adapters, x.dtype)
+            cast = in_dtype(adapters, x.dtype)
             a_joined = torch.cat(cast[0::2], dim=1)
             xa = x2 @ a_joined
             ranks = [a.shape[1] for a in cast[0::2]]
             xa_parts = xa.split(ranks, dim=1)
+            bases, scales = layers[0::2], layers[1::2]
             outputs = [add_adapter(base(x2), part, b, scale)
-                       for (base, scale), part, b in zip(zip(layers[0::2], layers[1::2]), xa_parts, cast[1::2])]
+                       for base, scale, part, b in zip(bases, scales, xa_parts, cast[1::2])]
         ctx.save_for_backward(x2, xa, a_joined, *cast[1::2])
-        ctx.bases, ctx.scales, ctx.ranks = layers[0::2], layers[1::2], ranks
+        ctx.bases, ctx.scales, ctx.ranks = bases, scales, ranks
         ctx.input_shape, ctx.adapter_dtypes = x.shape, [t.dtype for t in adapters]
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
 
@@ -60,9 +60,9 @@ class LoRAQKVFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         x2, xa, a_joined, *bs = ctx.saved_tensors
         grads = [g.reshape(-1, g.shape[-1]) for g in grads]
-        dx = _base_input_grad(ctx.bases[0], grads[0])
+        dx = base_input_grad(ctx.bases[0], grads[0])
         for base, grad in zip(ctx.bases[1:], grads[1:]):
-            _base_input_grad(base, grad, into=dx)
+            base_input_grad(base, grad, into=dx)
         d_xa = torch.cat([(grad @ b.t()) * scale for grad, b, scale in zip(grads, bs, ctx.scales)], dim=1)
         dx.addmm_(d_xa, a_joined.t())
         grad_as = (x2.t() @ d_xa).split(ctx.ranks, dim=1)
@@ -84,7 +84,7 @@ def applies(attention, x) -> bool:
         return False  # a fused qkv_proj (Phi-3): one projection already
     adapted = _adapted(attention)
     return (len(adapted) >= 2 and torch.is_grad_enabled() and not torch.is_autocast_enabled() and use_triton(x)
-            and all(_fusable(getattr(attention, name)) for name in PROJECTIONS))
+            and all(fusable(getattr(attention, name)) for name in PROJECTIONS))
 
 
 def projected(attention, x) -> dict:
