@@ -63,7 +63,7 @@ class RecomputedBlock(torch.autograd.Function):
         args = [next(saved) if k is _SAVED else ctx.checkpointer.unpack(k) for k in ctx.kept]
         needs = ctx.needs_input_grad[3:]
         inputs = [a.detach().requires_grad_(need) if isinstance(a, torch.Tensor) else a for a, need in zip(args, needs)]
-        with _replayed_rng(ctx), torch.enable_grad(), _autocast(ctx.autocast):
+        with _replayed_rng(ctx), torch.enable_grad(), _autocast(ctx.autocast), _recomputing():
             outputs = ctx.function(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, output_grads)
@@ -75,6 +75,26 @@ class RecomputedBlock(torch.autograd.Function):
 
 
 _SAVED = object()  # marks an input kept through save_for_backward (not packed into another object)
+
+# A module global, not a context variable: the recomputation runs on autograd's device thread.
+_RECOMPUTING = False
+
+
+def recomputing() -> bool:
+    """Whether a checkpointed block is being recomputed, its backward to follow at once: a kernel
+    may keep there what its backward would otherwise make again (``lora.base_output``), for one
+    block at a time."""
+    return _RECOMPUTING
+
+
+@contextmanager
+def _recomputing():
+    global _RECOMPUTING
+    outer, _RECOMPUTING = _RECOMPUTING, True
+    try:
+        yield
+    finally:
+        _RECOMPUTING = outer
 
 
 @contextmanager

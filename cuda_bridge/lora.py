@@ -85,11 +85,26 @@ class LoRALinear(nn.Module):
             return self.linear(x)
         if self.use_dora:
             return self._dora_forward(x)
+        if self.training_fused(x):  # one autograd node instead of six: the host's time (kernels.lora_linear)
+            from cuda_bridge.kernels.lora_linear import LoRALinearFunction
+
+            return LoRALinearFunction.apply(x, self.lora_a, self.lora_b, self.linear, self.scale)[0]
         # In x's dtype (the module docstring says why). Without dropout the matmul keeps x itself
         # for lora_a's gradient (the frozen base layer keeps only its weight): one tensor for q, k
         # and v, which share their input, where the float32 cast kept a copy in each.
-        xa = self.dropout(x) @ self.lora_a.to(x.dtype)
-        return add_adapter(self.linear(x), xa, self.lora_b, self.scale)
+        if torch.is_grad_enabled():
+            a, b = self.lora_a.to(x.dtype), self.lora_b
+        else:  # nothing to differentiate (a checkpointed block's first forward): the step's casts
+            a, b = in_dtype((self.lora_a, self.lora_b), x.dtype)
+        return add_adapter(self.linear(x), self.dropout(x) @ a, b, self.scale)
+
+    def training_fused(self, x) -> bool:
+        """Whether this call runs through ``kernels.lora_linear`` (as ``kernels.lora_mlp`` and
+        ``kernels.lora_qkv`` decide for theirs): gradients on, no autocast, where the kernels run,
+        and an adapter the Function computes as this module would."""
+        from cuda_bridge.kernels.dispatch import use_triton
+
+        return torch.is_grad_enabled() and not torch.is_autocast_enabled() and use_triton(x) and fusable(self)
 
     def _dora_forward(self, x):
         # mlx-lm's DoRALinear, which the MLX core leaves as it is: the branch in float32.
@@ -140,21 +155,82 @@ def add_adapter(y, xa, lora_b, scale):
     return torch.addmm(rows, xa.reshape(-1, xa.shape[-1]), lora_b.to(xa.dtype), alpha=scale).view(y.shape)
 
 
+# {(id(parameter), dtype): (parameter, its version, the cast)} while adapter_casts_per_step is on.
+# A module global rather than a context variable: the recomputation of a checkpointed block and
+# the backward run on autograd's device thread, which does not see the caller's context.
+_STEP_CASTS = None
+
+
+@contextlib.contextmanager
+def adapter_casts_per_step():
+    """Inside, each float32 adapter matrix is cast to the activations' dtype once (``in_dtype``)
+    instead of at each forward: under checkpointing a block's forward runs twice a step (without
+    gradients, then recomputed with them in the backward), and both use the one cast (at the 1B
+    shape 224 casts a step instead of about 900, each a launch and ~13 us of the host's time).
+    For one training step's passes, the trainer's ``compute_gradients``: the adapters do not
+    change until the optimizer steps, after it. A parameter changed in place in between (its
+    version moves) is cast again."""
+    global _STEP_CASTS
+    outer = _STEP_CASTS
+    _STEP_CASTS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _STEP_CASTS = outer
+
+
 def in_dtype(adapters, dtype):
-    """The adapter matrices cast to the activations' dtype once, for a fused Function's forward and
-    backward alike (None stays None)."""
-    return [None if t is None else t.to(dtype) for t in adapters]
+    """The adapter matrices cast to the activations' dtype, once for a fused Function's forward and
+    backward alike, and once a step inside ``adapter_casts_per_step`` (None stays None)."""
+    casts = _STEP_CASTS
+    if casts is None:
+        return [None if t is None else t.to(dtype) for t in adapters]
+    return [None if t is None else _cast_once(t, dtype, casts) for t in adapters]
 
 
-def base_input_grad(base, grad, into=None):
-    """grad @ W: the input gradient through a frozen base layer (dequantized for a quantized one);
-    with ``into``, added into that buffer inside the GEMM (beta = 1) rather than by a pass of its own."""
-    if is_quantized(base):
+def _cast_once(parameter, dtype, casts):
+    key = (id(parameter), dtype)
+    entry = casts.get(key)
+    if entry is None or entry[0] is not parameter or entry[1] != parameter._version:
+        entry = casts[key] = (parameter, parameter._version, parameter.detach().to(dtype))
+    return entry[2]
+
+
+def base_output(base, x2):
+    """A frozen base layer's output for the rows x2, and the dense weight its backward multiplies
+    by where it is worth keeping (else None: ``base_input_grad`` makes it again).
+
+    Worth keeping: a quantized base in a checkpointed block's recomputation (its backward follows at
+    once, so one block's weights at a time) whose rows take the dequantize + cuBLAS path, with a
+    weight no bigger than those rows (the activation-heavy shapes, where the host's time per
+    launch is what a step waits on: at the 1B shape, batch 4 x 2048, 112 of a step's 336
+    dequantizations, for ~120 MB; at the 8B shape, batch 1, none). The output is the same product
+    ``quant_matmul`` computes there."""
+    from cuda_bridge.checkpoint import recomputing
+
+    if not (recomputing() and is_quantized(base)):
+        return base(x2), None
+    from cuda_bridge.kernels.quant_matmul import FUSED_MAX_ROWS
+
+    rows, width = x2.shape
+    if rows <= FUSED_MAX_ROWS or base.weight.shape[0] * width > x2.numel():
+        return base(x2), None
+    weight = base.dequantized_weight().to(x2.dtype)
+    y = x2 @ weight.t()
+    bias = getattr(base, "bias", None)
+    return (y if bias is None else y + bias.to(y.dtype)), weight
+
+
+def base_input_grad(base, grad, into=None, dense=None):
+    """grad @ W: the input gradient through a frozen base layer (dequantized for a quantized one,
+    unless ``dense`` is the weight ``base_output`` kept); with ``into``, added into that buffer inside
+    the GEMM (beta = 1) rather than by a pass of its own."""
+    if dense is None and is_quantized(base):
         from cuda_bridge.kernels.quant_matmul import quant_matmul_input_grad
 
         return quant_matmul_input_grad(grad, base.weight, base.scales, base.biases, base.group_size, base.bits,
                                        into=into)
-    weight = base.weight.to(grad.dtype)
+    weight = base.weight.to(grad.dtype) if dense is None else dense
     return grad @ weight if into is None else into.addmm_(grad, weight)
 
 

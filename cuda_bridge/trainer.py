@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from cuda_bridge import distributed
+from cuda_bridge.lora import adapter_casts_per_step
 from macft.distributed import fsdp_enabled
 from macft.errors import TrainingError
 from macft.training import TrainingLoop
@@ -256,10 +257,11 @@ class Trainer(TrainingLoop):
         if self.sharded:
             return self._sharded_gradients(micro, shares)
         summed_loss, summed_metrics = 0.0, {}
-        for batch, share in zip(micro, shares):
-            loss, metrics = self.loss(self.model, *batch)
-            (loss * share).backward()
-            summed_loss, summed_metrics = _accumulate(summed_loss, summed_metrics, loss, metrics, share)
+        with adapter_casts_per_step():  # the adapters stay as they are until apply_gradients
+            for batch, share in zip(micro, shares):
+                loss, metrics = self.loss(self.model, *batch)
+                (loss * share).backward()
+                summed_loss, summed_metrics = _accumulate(summed_loss, summed_metrics, loss, metrics, share)
         if self.world.size > 1:
             self.sum_gradients_over_ranks()
         grads = [p.grad for p in self._params if p.grad is not None]

@@ -35,7 +35,7 @@ import torch
 
 from cuda_bridge.kernels.dispatch import use_triton
 from cuda_bridge.kernels.swiglu import _GELU_TANH, _SILU, _SQRT_2_OVER_PI
-from cuda_bridge.lora import add_adapter, base_input_grad, fusable, in_dtype
+from cuda_bridge.lora import add_adapter, base_input_grad, base_output, fusable, in_dtype
 
 try:  # Triton is optional: without it the module-by-module MLP runs.
     import triton
@@ -75,13 +75,13 @@ def _adapter(projection):
 
 
 def _project(base, a, b, scale, x2):
-    """(out, x A) for one projection of the rows x2, as LoRALinear's forward computes it; A and B
-    already in x2's dtype."""
-    y = base(x2)
+    """(out, x A, the base's dense weight if kept: ``lora.base_output``) for one projection of the
+    rows x2, as LoRALinear's forward computes it; A and B already in x2's dtype."""
+    y, dense = base_output(base, x2)
     if a is None:
-        return y, None
+        return y, None, dense
     xa = x2 @ a
-    return add_adapter(y, xa, b, scale), xa
+    return add_adapter(y, xa, b, scale), xa, dense
 
 
 def _adapter_grads(a, b, scale, x, xa, grad, dx):
@@ -89,8 +89,8 @@ def _adapter_grads(a, b, scale, x, xa, grad, dx):
     gradients (in grad's dtype; A and B in it too), and x's gradient through the adapter added into dx."""
     if a is None:
         return None, None
-    d_xa = (grad @ b.t()) * scale
-    grad_b = (xa.t() @ grad) * scale
+    d_xa = (grad @ b.t()).mul_(scale)
+    grad_b = (xa.t() @ grad).mul_(scale)
     grad_a = x.t() @ d_xa
     dx.addmm_(d_xa, a.t())
     return grad_a, grad_b
@@ -107,13 +107,12 @@ class LoRAMLPFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
             adapters = in_dtype((a_gate, b_gate, a_up, b_up, a_down, b_down), x.dtype)
-            gate, xa_gate = _project(gate_proj[0], *adapters[0:2], gate_proj[3], x2)
-            up, xa_up = _project(up_proj[0], *adapters[2:4], up_proj[3], x2)
+            gate, xa_gate, w_gate = _project(gate_proj[0], *adapters[0:2], gate_proj[3], x2)
+            up, xa_up, w_up = _project(up_proj[0], *adapters[2:4], up_proj[3], x2)
             h = _glu(gate, up, act)
-            y, ha_down = _project(down_proj[0], *adapters[4:6], down_proj[3], h)
-        ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, ha_down, *adapters)
+            y, ha_down, w_down = _project(down_proj[0], *adapters[4:6], down_proj[3], h)
+        ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, ha_down, *adapters, w_gate, w_up, w_down)
         ctx.projections, ctx.act, ctx.input_shape = projections, act, x.shape
-        ctx.adapter_dtypes = [None if t is None else t.dtype for t in (a_gate, b_gate, a_up, b_up, a_down, b_down)]
         ctx.used = False
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -123,28 +122,29 @@ class LoRAMLPFunction(torch.autograd.Function):
             raise RuntimeError("LoRAMLPFunction: backward through the same graph twice (retain_graph=True) is not "
                                "supported; set MACFT_KERNELS=reference to use the module-by-module MLP")
         ctx.used = True
-        x2, gate, up, xa_gate, xa_up, ha_down, a_gate, b_gate, a_up, b_up, a_down, b_down = ctx.saved_tensors
+        (x2, gate, up, xa_gate, xa_up, ha_down, a_gate, b_gate, a_up, b_up, a_down, b_down,
+         w_gate, w_up, w_down) = ctx.saved_tensors
         (gate_base, _, _, s_gate), (up_base, _, _, s_up), (down_base, _, _, s_down) = ctx.projections
         dy = dy.reshape(-1, dy.shape[-1]).contiguous()
 
-        dh = base_input_grad(down_base, dy)
+        dh = base_input_grad(down_base, dy, dense=w_down)
         if a_down is not None:  # the adapter's share of dh, before the buffer turns into h
-            d_ha = (dy @ b_down.t()) * s_down
+            d_ha = (dy @ b_down.t()).mul_(s_down)
             dh.addmm_(d_ha, a_down.t())
         _glu_backward_in_place(dh, gate, up, ctx.act)
         h, d_gate, d_up = dh, gate, up
         grad_a_down = grad_b_down = None
         if a_down is not None:
             grad_a_down = h.t() @ d_ha
-            grad_b_down = (ha_down.t() @ dy) * s_down
+            grad_b_down = (ha_down.t() @ dy).mul_(s_down)
         del h, dh
 
-        dx = base_input_grad(up_base, d_up, into=base_input_grad(gate_base, d_gate))
+        dx = base_input_grad(up_base, d_up, into=base_input_grad(gate_base, d_gate, dense=w_gate), dense=w_up)
         grad_a_gate, grad_b_gate = _adapter_grads(a_gate, b_gate, s_gate, x2, xa_gate, d_gate, dx)
         grad_a_up, grad_b_up = _adapter_grads(a_up, b_up, s_up, x2, xa_up, d_up, dx)
-        grads = [None if g is None else g.to(dtype) for g, dtype in zip(
-            (grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down), ctx.adapter_dtypes)]
-        return (dx.view(ctx.input_shape), *grads, None, None)
+        # In x's dtype: autograd's engine casts them to the parameters' float32 (kernels.lora_linear).
+        return (dx.view(ctx.input_shape), grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down,
+                None, None)
 
 
 # ----------------------------------------------------------------------------- when and how

@@ -87,7 +87,7 @@ def test_kernels_run_under_the_triton_interpreter(tiny_model_dir, monkeypatch):
     reference path's LoRA gradients (the fused LoRA MLP's and q, k, v's included)."""
     import os
 
-    from cuda_bridge.kernels import lora_mlp, lora_qkv, rms_norm, rope, swiglu
+    from cuda_bridge.kernels import lora_linear, lora_mlp, rms_norm, rope, swiglu
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.fail("tests/cuda_bridge/conftest.py should have set TRITON_INTERPRET=1 on a CPU-only machine")
@@ -108,7 +108,7 @@ def test_kernels_run_under_the_triton_interpreter(tiny_model_dir, monkeypatch):
 
     calls = {}
     for module, name in ((rms_norm, "RMSNormFunction"), (rope, "RoPEFunction"), (swiglu, "GLUFunction"),
-                         (lora_mlp, "LoRAMLPFunction"), (lora_qkv, "LoRAQKVFunction")):
+                         (lora_mlp, "LoRAMLPFunction"), (lora_linear, "LoRALinearFunction")):
         function = getattr(module, name)
         original = function.apply
 
@@ -122,8 +122,8 @@ def test_kernels_run_under_the_triton_interpreter(tiny_model_dir, monkeypatch):
         torch.testing.assert_close(model(ids).logits, reference_logits, atol=1e-5, rtol=1e-5)
     assert calls == {"RMSNormFunction": 5, "RoPEFunction": 2, "GLUFunction": 2}
     kernel_grads = grads()
-    # training: each block's MLP is the fused LoRA MLP, its q, k, v one Function
-    assert calls["LoRAMLPFunction"] == calls["LoRAQKVFunction"] == 2
+    # training: each block's MLP is the fused LoRA MLP; its q, k, v one LoRALinearFunction, o_proj another
+    assert calls["LoRAMLPFunction"] == 2 and calls["LoRALinearFunction"] == 4
     for name, grad in reference_grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(kernel_grads[name], grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -1,4 +1,4 @@
-"""The fused LoRA q, k, v projections (kernels.lora_qkv) against HF transformers' attention module
+"""The fused LoRA q, k, v projections (kernels.lora_qkv, through kernels.lora_linear) against HF transformers' attention module
 with the bridge's LoRA layers on its projections, run by autograd in plain torch
 (MACFT_KERNELS=reference): the attention's output, the input gradient and every adapter gradient at
 float32 and bf16 tolerances; Llama and Qwen2 (q, k, v biases); bf16, 4-bit and partly adapted bases;
@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotary
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
 from cuda_bridge.kernels import lora_qkv
+from cuda_bridge.kernels.lora_linear import LoRALinearFunction
 from cuda_bridge.kernels.quant_matmul import QuantizedLinear
 from cuda_bridge.lora import LoRALinear
 from cuda_bridge.patching import patch_model
@@ -127,9 +128,9 @@ def test_hf_attention_forward_takes_the_function(kind, monkeypatch, assert_close
     x, dy = torch.randn(2, 7, 64), torch.randn(2, 7, 64)
     positions = torch.arange(7)[None].expand(2, -1)
     cos, sin = attention.rotary(x, positions)
-    calls = []
-    original = lora_qkv.LoRAQKVFunction.apply
-    monkeypatch.setattr(lora_qkv.LoRAQKVFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    calls = []  # the number of projections in each call of the Function
+    original = LoRALinearFunction.apply
+    monkeypatch.setattr(LoRALinearFunction, "apply", lambda *a: calls.append((len(a) - 1) // 4) or original(*a))
 
     def attend(reference):
         monkeypatch.setenv("MACFT_KERNELS", "reference" if reference else "")
@@ -141,9 +142,9 @@ def test_hf_attention_forward_takes_the_function(kind, monkeypatch, assert_close
         return {"y": y.detach(), "dx": inp.grad, **{k: p.grad for k, p in adapter_params(attention).items()}}
 
     got = attend(reference=False)
-    assert len(calls) == 1
+    assert calls == [3, 1]  # q, k, v together, then o_proj on its own
     want = attend(reference=True)
-    assert len(calls) == 1
+    assert calls == [3, 1]
     for key in want:
         assert want[key].abs().max() > 0, key
         assert_close(got[key], want[key], f"{kind} {key}")
