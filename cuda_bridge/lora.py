@@ -254,7 +254,10 @@ def _device_of(module):
 
 
 def is_quantized(module) -> bool:
-    return hasattr(module, "dequantized_weight") and hasattr(module, "group_size")
+    """An MLX-format quantized layer (``kernels.quant_matmul``). Asked of the class: on an
+    nn.Module a missing attribute costs an AttributeError built by ``__getattr__`` (~10 us of the
+    host's time), and the fused Functions ask for every projection they run."""
+    return callable(getattr(type(module), "dequantized_weight", None)) and hasattr(module, "group_size")
 
 
 def base_weight(linear) -> torch.Tensor:
@@ -371,11 +374,7 @@ def enable_gradient_checkpointing(model, offload: bool = False):
     """
     from cuda_bridge.checkpoint import BlockCheckpoint, install
 
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_transformers_checkpointing(model)
     if offload and _on_gpu(model):
         from cuda_bridge.offload import offload_checkpointed_inputs
 
@@ -384,6 +383,16 @@ def enable_gradient_checkpointing(model, offload: bool = False):
         install(model, BlockCheckpoint())
     model.macft.gradient_checkpointing = True
     return model
+
+
+def enable_transformers_checkpointing(model):
+    """transformers' own per-block checkpointing (torch.utils.checkpoint, non-reentrant), which
+    ``enable_gradient_checkpointing`` then routes through ``cuda_bridge.checkpoint``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers (the old name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _on_gpu(model) -> bool:

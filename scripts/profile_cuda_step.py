@@ -3,7 +3,8 @@
 Trains the bench's model and batches (a random Llama-3.2-1B-shaped model by default, LoRA r16 on
 the seven projections, offloaded gradient checkpointing, as `macft bench sft --backend cuda` runs
 it) for --warmup steps (Triton's autotuning and compilation happen there), then profiles --steps
-more and prints the kernels and operators that took the most GPU time, summed over those steps.
+more (the steps alone: not the trainer's set-up or its saves at the end) and prints the kernels
+and operators that took the most GPU time, summed over those steps.
 
     python scripts/profile_cuda_step.py --tokenizer DIR [--load-in-4bit] [--batch-size 4 --seq-len 2048]
 
@@ -12,6 +13,7 @@ With --sync-points it lists instead where those steps made the host wait for the
 """
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -72,9 +74,9 @@ def main():
         if args.sync_points:
             print_sync_points(lambda: train(args.steps, args.warmup * args.batch_size), args.rows)
             return
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.copies) as prof:
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=args.copies)
+        with steps_only(prof, args.steps, sync):
             measured = train(args.steps, args.warmup * args.batch_size)
-            sync()
         times = [m["step_time_s"] for m in measured if "step_time_s" in m]
         print("profiled steps (s):", [round(t, 4) for t in times],
               "peak GB:", max(m["peak_memory_gb"] for m in measured if "peak_memory_gb" in m), flush=True)
@@ -82,6 +84,41 @@ def main():
         print(table, flush=True)
         if args.copies:
             print_copy_callers(prof.events(), args.rows)
+
+
+@contextlib.contextmanager
+def steps_only(prof, steps: int, sync):
+    """Profile the training steps alone, from the first step's forward to the last one's update:
+    not the trainer's set-up nor its saves at the end (which copy every adapter and optimizer
+    state to the host, and used to show up in the table as the step's copies)."""
+    from cuda_bridge.trainer import Trainer
+    from macft.training import TrainingLoop
+
+    done = []
+
+    def step_gradients(self, micro):
+        if not done:
+            sync()
+            prof.start()
+            done.append(0)
+        return original_step_gradients(self, micro)
+
+    def apply_gradients(self, learning_rate):
+        result = original_apply_gradients(self, learning_rate)
+        done.append(1)
+        if len(done) == steps + 1:
+            sync()
+            prof.stop()
+        return result
+
+    original_step_gradients, original_apply_gradients = TrainingLoop.step_gradients, Trainer.apply_gradients
+    TrainingLoop.step_gradients, Trainer.apply_gradients = step_gradients, apply_gradients
+    try:
+        yield
+    finally:
+        TrainingLoop.step_gradients, Trainer.apply_gradients = original_step_gradients, original_apply_gradients
+        if 0 < len(done) <= steps:  # stopped early (an error): close the profile all the same
+            prof.stop()
 
 
 COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::cat")
