@@ -16,9 +16,10 @@ MLX-format ``QuantizedLinear`` (QLoRA). Adapter parameters are float32 whatever 
 as in mlx-lm.
 
 The LoRA branch computes in the input's dtype (bf16 on a bf16 base), the float32 adapter weights
-cast per call, as the MLX core's ``use_input_dtype_lora`` does: promoting the input to float32
-instead would keep a float32 copy of every adapted layer's input for the backward pass (q, k and
-v each their own) and run the branch's matmuls in float32. The MLX core measured 3 GB less peak
+cast per call (once a step inside the trainer's step: ``adapter_casts_per_step``), as the MLX
+core's ``use_input_dtype_lora`` does: promoting the input to float32 instead would keep a float32
+copy of every adapted layer's input for the backward pass (q, k and v each their own) and run the
+branch's matmuls in float32. The MLX core measured 3 GB less peak
 memory and a 12% faster step for it on an H200 (1B model, LoRA on seven projections, 8k tokens a
 step); the bridge's own GPU figure is not measured yet. The cast is differentiable, so the
 parameters still get float32 gradients and keep float32 optimizer state; on a float32 base
@@ -166,7 +167,7 @@ def adapter_casts_per_step():
     """Inside, each float32 adapter matrix is cast to the activations' dtype once (``in_dtype``)
     instead of at each forward: under checkpointing a block's forward runs twice a step (without
     gradients, then recomputed with them in the backward), and both use the one cast (at the 1B
-    shape 224 casts a step instead of about 900, each a launch and ~13 us of the host's time).
+    shape 224 casts a step instead of 448, each a launch and ~13 us of the host's time).
     For one training step's passes, the trainer's ``compute_gradients``: the adapters do not
     change until the optimizer steps, after it. A parameter changed in place in between (its
     version moves) is cast again."""

@@ -9,6 +9,7 @@ alternate, twice each, and each prints its milliseconds per forward + backward.
 """
 
 import argparse
+import os
 
 import torch
 from torch import nn
@@ -45,8 +46,13 @@ def main():
     x = torch.randn(args.rows, args.hidden, device=device, dtype=dtype, requires_grad=True)
     grads = [torch.randn(args.rows, layer.out_features, device=device, dtype=dtype) for layer in layers]
 
-    def one_by_one(x):
-        return [layer(x) for layer in layers]
+    def one_by_one(x):  # autograd's path: MACFT_KERNELS=reference keeps a lone layer off kernels.lora_linear
+        previous = os.environ.get("MACFT_KERNELS", "")
+        os.environ["MACFT_KERNELS"] = "reference"
+        try:
+            return [layer(x) for layer in layers]
+        finally:
+            os.environ["MACFT_KERNELS"] = previous
 
     def fused(x):
         outputs = lora_qkv.projected(attention, x)

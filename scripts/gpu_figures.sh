@@ -5,7 +5,8 @@
 #
 #   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts
 #   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-host|cuda-tests
-#   (cuda-sync and cuda-host need no kit: the host's torch is enough)
+#   (cuda-sync and cuda-host need no kit: the host's torch is enough; scripts/one_call_kit.sh packs
+#   the unsloth kit for one call: source .device/unsloth-one/install.sh, no staging call first)
 #
 # mlx-*: the MLX core on MLX's CUDA backend beside mlx-lm-lora 5.10.2 (issue 12's rows);
 # cuda-*: cuda_bridge beside Unsloth (issue 13's rows) and the GPU tests. Every row is one

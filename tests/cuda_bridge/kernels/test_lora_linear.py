@@ -1,9 +1,10 @@
 """A lone LoRA layer through kernels.lora_linear (LoRALinear's training path) against the same
 layer run by autograd in plain torch (MACFT_KERNELS=reference): output, input gradient and adapter
 gradients at float32 and bf16 tolerances, on an nn.Linear (with and without bias) and a 4-bit
-base; when the layer takes the Function; and the adapter casts made once a step inside
-``lora.adapter_casts_per_step``, cast again after the optimizer changed the adapters. (q, k and v
-together: test_lora_qkv.py.)"""
+base; when the layer takes the Function; the adapter casts made once a step inside
+``lora.adapter_casts_per_step``, cast again after the optimizer changed the adapters; and the 4-bit
+bases' dense weights a recomputed block keeps for its backward. (q, k and v together:
+test_lora_qkv.py.)"""
 
 import copy
 
@@ -101,7 +102,7 @@ def test_casts_once_a_step_and_again_after_a_change():
             a.mul_(2)  # changed in place: its version moves
         again = in_dtype([a], torch.bfloat16)[0]
         assert again is not first
-        torch.testing.assert_close(again, (a.detach() * 1).to(torch.bfloat16))
+        torch.testing.assert_close(again, a.detach().to(torch.bfloat16))
     assert in_dtype([a], torch.bfloat16)[0] is not again  # the step's casts are gone
 
 
