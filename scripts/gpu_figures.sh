@@ -213,6 +213,8 @@ cuda-tests)  # the GPU tests: kernels against their references with time and pea
     export MACFT_BACKEND=cuda MACFT_TEST_TOKENIZER="$PWD/$TOKENIZER"
     LIMIT=${LIMIT:-480} row cuda-tests python3 -m pytest -q -m gpu tests/cuda_bridge -p no:cacheprovider
     LIMIT=60 row cuda-lora-layer python3 scripts/bench_lora_layer.py --rows 8192 --in 2048 --out 8192
+    LIMIT=60 row cuda-lora-order python3 scripts/bench_lora_order.py  # the 1B MLP's gate/up shape
+    LIMIT=60 row cuda-lora-order-qkv python3 scripts/bench_lora_order.py --out 2048
     ;;
 *)
     echo "unknown part $PART" >&2
