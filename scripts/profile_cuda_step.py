@@ -89,8 +89,9 @@ def main():
 @contextlib.contextmanager
 def steps_only(prof, steps: int, sync):
     """Profile the training steps alone, from the first step's forward to the last one's update:
-    not the trainer's set-up nor its saves at the end (which copy every adapter and optimizer
-    state to the host, and used to show up in the table as the step's copies)."""
+    not the trainer's set-up nor its saves at the end (which copy every adapter and the
+    optimizer's state to the host), as Unsloth's table beside it (MACFT_PEER_PROFILE) covers its
+    steps alone."""
     from cuda_bridge.trainer import Trainer
     from macft.training import TrainingLoop
 
