@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cuda_bridge.checkpoint import recomputing
+from cuda_bridge.kernels.dispatch import use_triton
 from macft.atomic import atomic_dir, atomic_files
 from macft.errors import ModelLoadError
 from macft.model_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_TARGET_MODULES, PEFT_WEIGHTS, ModelInfo,
@@ -103,8 +105,6 @@ class LoRALinear(nn.Module):
         """Whether this call runs through ``kernels.lora_linear`` (as ``kernels.lora_mlp`` and
         ``kernels.lora_qkv`` decide for theirs): gradients on, no autocast, where the kernels run,
         and an adapter the Function computes as this module would."""
-        from cuda_bridge.kernels.dispatch import use_triton
-
         return torch.is_grad_enabled() and not torch.is_autocast_enabled() and use_triton(x) and fusable(self)
 
     def _dora_forward(self, x):
@@ -202,24 +202,14 @@ def base_output(base, x2):
     by where it is worth keeping (else None: ``base_input_grad`` makes it again).
 
     Worth keeping: a quantized base in a checkpointed block's recomputation (its backward follows at
-    once, so one block's weights at a time) whose rows take the dequantize + cuBLAS path, with a
-    weight no bigger than those rows (the activation-heavy shapes, where the host's time per
-    launch is what a step waits on: at the 1B shape, batch 4 x 2048, 112 of a step's 336
-    dequantizations, for ~120 MB; at the 8B shape, batch 1, none). The output is the same product
-    ``quant_matmul`` computes there."""
-    from cuda_bridge.checkpoint import recomputing
-
-    if not (recomputing() and is_quantized(base)):
-        return base(x2), None
-    from cuda_bridge.kernels.quant_matmul import FUSED_MAX_ROWS
-
-    rows, width = x2.shape
-    if rows <= FUSED_MAX_ROWS or base.weight.shape[0] * width > x2.numel():
-        return base(x2), None
-    weight = base.dequantized_weight().to(x2.dtype)
-    y = x2 @ weight.t()
-    bias = getattr(base, "bias", None)
-    return (y if bias is None else y + bias.to(y.dtype)), weight
+    once, so one block's weights at a time) whose rows take the dequantize + cuBLAS path
+    (``QuantizedLinear.forward_keeping_weight``), with a weight no bigger than those rows (the
+    activation-heavy shapes, where the host's time per launch is what a step waits on: at the 1B
+    shape, batch 4 x 2048, 112 of a step's 336 dequantizations, for ~120 MB; at the 8B shape,
+    batch 1, none)."""
+    if recomputing() and is_quantized(base) and base.weight.shape[0] * x2.shape[1] <= x2.numel():
+        return base.forward_keeping_weight(x2)
+    return base(x2), None
 
 
 def base_input_grad(base, grad, into=None, dense=None):

@@ -377,10 +377,16 @@ def _dequantize_triton(packed, scales, biases, group_size, bits):
     return out
 
 
+def _dequantized_matmul(x2, packed, scales, biases, group_size, bits):
+    """(x2 @ dequant(w).T, the dense weight): the whole weight dequantized for cuBLAS."""
+    weight = _dequantize_triton(packed, scales, biases, group_size, bits).to(x2.dtype)
+    return x2 @ weight.t(), weight
+
+
 def _launch_fwd(x2, packed, scales, biases, group_size, bits):
     M, K = x2.shape
     if M > FUSED_MAX_ROWS:
-        return x2 @ _dequantize_triton(packed, scales, biases, group_size, bits).to(x2.dtype).t()
+        return _dequantized_matmul(x2, packed, scales, biases, group_size, bits)[0]
     N = packed.shape[0]
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     args = (x2, packed, scales, biases, y, M, N, K, _m_bucket(M), x2.stride(0), packed.stride(0),
@@ -555,6 +561,16 @@ class QuantizedLinear(_QuantizedBase):
     def forward(self, x):
         y = quant_matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def forward_keeping_weight(self, x2):
+        """(forward(x2), the dense weight) for rows x2 (N, in) that take the dequantize + cuBLAS
+        path (more than FUSED_MAX_ROWS, where Triton runs): the same product, and the weight for a
+        caller's backward to multiply by instead of dequantizing again. (forward(x2), None) otherwise."""
+        if not (x2.shape[0] > FUSED_MAX_ROWS and triton is not None and use_triton(x2, self.weight)):
+            return self(x2), None
+        y, weight = _dequantized_matmul(x2.contiguous(), as_int32(self.weight).contiguous(), self.scales.contiguous(),
+                                        self.biases.contiguous(), self.group_size, self.bits)
+        return (y + self.bias.to(y.dtype) if self.bias is not None else y), weight
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
