@@ -55,7 +55,8 @@ class RecomputedBlock(torch.autograd.Function):
                 kept.append(packed)
         ctx.save_for_backward(*saved)
         ctx.kept = kept
-        return function(*args)
+        with _checkpointed_forward():
+            return function(*args)
 
     @staticmethod
     def backward(ctx, *output_grads):
@@ -63,7 +64,7 @@ class RecomputedBlock(torch.autograd.Function):
         args = [next(saved) if k is _SAVED else ctx.checkpointer.unpack(k) for k in ctx.kept]
         needs = ctx.needs_input_grad[3:]
         inputs = [a.detach().requires_grad_(need) if isinstance(a, torch.Tensor) else a for a, need in zip(args, needs)]
-        with _replayed_rng(ctx), torch.enable_grad(), _autocast(ctx.autocast), _recomputing():
+        with _replayed_rng(ctx), torch.enable_grad(), _autocast(ctx.autocast), _recomputing(ctx.function):
             outputs = ctx.function(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, output_grads)
@@ -76,21 +77,49 @@ class RecomputedBlock(torch.autograd.Function):
 
 _SAVED = object()  # marks an input kept through save_for_backward (not packed into another object)
 
-# A module global, not a context variable: the recomputation runs on autograd's device thread.
-_RECOMPUTING = False
+# The function of the block being recomputed, or None. A module global, not a context variable:
+# the recomputation runs on autograd's device thread.
+_RECOMPUTING = None
 
 
 def recomputing() -> bool:
     """Whether a checkpointed block is being recomputed, its backward to follow at once: a kernel
     may keep there what its backward would otherwise make again (``lora.base_output``), for one
     block at a time."""
-    return _RECOMPUTING
+    return _RECOMPUTING is not None
+
+
+def recomputed_block() -> torch.nn.Module | None:
+    """The module being recomputed (a decoder layer), or None: none is, or its function does not
+    say which module it runs. Only the gradients of a recomputation are used, never its outputs'
+    values, so an output that no op of the block reads back need not be computed there
+    (``patching``'s MLP forward)."""
+    return None if _RECOMPUTING is None else _block(_RECOMPUTING)
+
+
+_FORWARD = False  # whether a checkpointed block's first forward runs (a module global: as _RECOMPUTING)
+
+
+def checkpointed_forward() -> bool:
+    """Whether a checkpointed block's first forward is running: without a graph, but the arithmetic
+    of the recomputation its backward will run (``lora.training_pass``)."""
+    return _FORWARD
 
 
 @contextmanager
-def _recomputing():
+def _checkpointed_forward():
+    global _FORWARD
+    outer, _FORWARD = _FORWARD, True
+    try:
+        yield
+    finally:
+        _FORWARD = outer
+
+
+@contextmanager
+def _recomputing(function):
     global _RECOMPUTING
-    outer, _RECOMPUTING = _RECOMPUTING, True
+    outer, _RECOMPUTING = _RECOMPUTING, function
     try:
         yield
     finally:
@@ -170,15 +199,20 @@ def installed(model) -> BlockCheckpoint | None:
                  if isinstance(m._gradient_checkpointing_func, BlockCheckpoint)), None)
 
 
-def _trains(function) -> bool:
-    """Whether the block ``function`` runs has a parameter that takes a gradient (True where the
-    block cannot be told: transformers passes ``partial(forward, block, **kwargs)`` or a bound
+def _block(function) -> torch.nn.Module | None:
+    """The module a checkpointed ``function`` runs, or None where it cannot be told (transformers
+    passes ``partial(forward, block, **kwargs)``, ``partial(block.__call__, **kwargs)`` or a bound
     ``__call__``)."""
     block = getattr(function, "__self__", None)
     if block is None and getattr(function, "args", None):
         block = function.args[0]
     if block is None:
         block = getattr(getattr(function, "func", None), "__self__", None)
-    if not isinstance(block, torch.nn.Module):
-        return True
-    return any(p.requires_grad for p in block.parameters())
+    return block if isinstance(block, torch.nn.Module) else None
+
+
+def _trains(function) -> bool:
+    """Whether the block ``function`` runs has a parameter that takes a gradient (True where the
+    block cannot be told)."""
+    block = _block(function)
+    return block is None or any(p.requires_grad for p in block.parameters())

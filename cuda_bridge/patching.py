@@ -26,6 +26,8 @@ import sys
 
 import torch
 
+from cuda_bridge.checkpoint import recomputed_block
+
 # RMSNorm classes and the offset their scale uses (Gemma stores w - 1); whether HF rounds the
 # normalized x to the input dtype before the weight multiply (Llama style) or after (Gemma style).
 _RMS_NORMS = {
@@ -35,6 +37,10 @@ _RMS_NORMS = {
 }
 _MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP")  # act(gate_proj(x)) * up_proj(x)
 _FUSED_MLPS = ("Phi3MLP",)  # gate_up_proj, then chunk(2): gate first
+# Decoder layers whose ``mlp`` output goes only into the residual sum, read by no other op (no norm
+# after the MLP, as Gemma 2's): recomputing such a layer for its backward needs no MLP output.
+_LAYERS_SUMMING_MLP = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                       "GemmaDecoderLayer")
 _ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention", "GemmaAttention",
                "Phi3Attention")
 
@@ -127,8 +133,16 @@ def _mlp_forward(self, x):
     from cuda_bridge.kernels import lora_mlp
 
     if lora_mlp.applies(self, x):  # LoRA training: one Function, a leaner backward
-        return lora_mlp.lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, _glu_kind(self))
+        return lora_mlp.lora_mlp(x, self.gate_proj, self.up_proj, self.down_proj, _glu_kind(self),
+                                 output_read=not _recomputed_into_residual(self))
     return self.down_proj(_glu(self, self.gate_proj(x), self.up_proj(x)))
+
+
+def _recomputed_into_residual(mlp) -> bool:
+    """Whether this MLP runs in the recomputation of its decoder layer for the backward, its output
+    going only into the layer's residual sum: then no op reads the output's values."""
+    layer = recomputed_block()
+    return layer is not None and type(layer).__name__ in _LAYERS_SUMMING_MLP and getattr(layer, "mlp", None) is mlp
 
 
 def _fused_mlp_forward(self, hidden_states):

@@ -155,7 +155,7 @@ cuda-1b)  # issue 13: 1B, batch 4: bf16 >= 1.1x Unsloth, 4-bit >= 1.0x, at <= it
         MACFT_PEER_PROFILE="$OUT/unsloth-kernels-$base.txt" row "cuda-1b-$base" "${sft[@]}" "${flag[@]}" \
             --json "$OUT/cuda-1b-$base.json"
         LIMIT=150 row "cuda-kernels-$base" python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" "${flag[@]}" \
-            --rows 45
+            --rows 45 --copies --idle
     done
     ;;
 cuda-8b | cuda-8b-4bit)  # issue 13: 8B, batch 1 (one call each: the 16 GB random model is written each time)

@@ -9,7 +9,8 @@ and operators that took the most GPU time, summed over those steps.
     python scripts/profile_cuda_step.py --tokenizer DIR [--load-in-4bit] [--batch-size 4 --seq-len 2048]
 
 With --sync-points it lists instead where those steps made the host wait for the GPU; with
---copies it adds where the copy operators were called from.
+--copies it adds where the copy operators were called from; with --idle, how long the GPU sat
+idle between kernels (the kernel table sums the time kernels ran, not the time the steps took).
 """
 
 import argparse
@@ -35,6 +36,9 @@ def main():
     parser.add_argument("--copies", action="store_true",
                         help="after the table: the copy operators' GPU time by the Python function or backward "
                              "node that called them")
+    parser.add_argument("--idle", action="store_true",
+                        help="after the table: the GPU's busy and idle time over the profiled steps, and the "
+                             "longest idle gaps with the kernels on either side")
     parser.add_argument("--sync-points", action="store_true",
                         help="instead of the profile: where the measured steps make the host wait for the GPU")
     args = parser.parse_args()
@@ -84,6 +88,8 @@ def main():
         print(table, flush=True)
         if args.copies:
             print_copy_callers(prof.events(), args.rows)
+        if args.idle:
+            print_gpu_idle(prof.events(), args.rows)
 
 
 @contextlib.contextmanager
@@ -153,6 +159,44 @@ def print_copy_callers(events, rows: int):
           "by caller")
     for key, us in time.most_common(rows):
         print(f"{us / 1e3:9.2f} ms {calls[key]:6d}  {key}")
+
+
+def print_gpu_idle(events, rows: int):
+    """The GPU's time over the profiled window (its first kernel's start to its last one's end):
+    busy = when any kernel or device-to-device copy ran, host <-> device copies apart (the
+    offloaded checkpoints, on a stream of their own); idle = the rest, in gaps by size, and the
+    longest gaps with the work on either side. Many short gaps: the host queues the kernels no
+    faster than they run; a few long ones: the host waited (a sync) or ran long Python."""
+    from torch.autograd import DeviceType
+
+    def kind(event):
+        if getattr(event, "device_type", None) != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+            return None
+        return "transfer" if "HtoD" in event.name or "DtoH" in event.name else "compute"
+
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if kind(e) == "compute")
+    transfers = sum(e.time_range.end - e.time_range.start for e in events if kind(e) == "transfer")
+    if not spans:
+        print("idle: no GPU kernels in the profile")
+        return
+    gaps, busy, reach, last = [], 0.0, spans[0][0], spans[0][2]  # reach: the latest end so far, last: its kernel
+    for start, end, name in spans:
+        if start > reach:
+            gaps.append((start - reach, last, name))
+        busy += max(0.0, end - max(start, reach))
+        if end > reach:
+            reach, last = end, name
+    window = reach - spans[0][0]
+    idle = sum(g for g, _, _ in gaps)
+    print(f"GPU over the profiled window: {window / 1e3:.1f} ms, kernels busy {busy / 1e3:.1f} ms, idle "
+          f"{idle / 1e3:.1f} ms ({100 * idle / window:.1f}%) in {len(gaps)} gaps; host <-> device copies "
+          f"{transfers / 1e3:.1f} ms beside them")
+    for low, high in ((0, 10), (10, 100), (100, 1000), (1000, float("inf"))):
+        sizes = [g for g, _, _ in gaps if low <= g < high]
+        print(f"    gaps {low:>5}-{high:<5} us: {len(sizes):6d}, {sum(sizes) / 1e3:8.2f} ms")
+    print("longest gaps (us): the kernel before -> the kernel after")
+    for gap, previous, following in sorted(gaps, reverse=True)[:rows]:
+        print(f"{gap:9.0f}  {previous[:60]} -> {following[:60]}")
 
 
 def print_sync_points(run, rows: int):

@@ -7,15 +7,16 @@ fused QKV LoRA does; its docstring has the equations).
 HF's attention forward calls q_proj, k_proj and v_proj itself; ``projected`` computes the three
 outputs first and the LoRALinear layers hand them back when that forward calls them with the same
 input (``cuda_bridge.lora.precomputed_outputs``). The Function takes the adapted projections among
-q, k, v when there are two or more and all three qualify (``lora.fusable``: frozen bases; no
-dropout, DoRA or disabled adapter); a projection without an adapter runs as it is, and a lone
-adapted one through its own LoRALinear (the same Function, for one layer)."""
+q, k, v while training (``lora.training_pass``) when there are two or more and all three qualify
+(``lora.fusable``: frozen bases; no dropout, DoRA or disabled adapter); a projection without an
+adapter runs as it is, and a lone adapted one through its own LoRALinear (the same Function, for
+one layer)."""
 
 import torch
 
 from cuda_bridge.kernels.dispatch import use_triton
 from cuda_bridge.kernels.lora_linear import LoRALinearFunction
-from cuda_bridge.lora import fusable
+from cuda_bridge.lora import fusable, training_pass
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 
@@ -30,7 +31,7 @@ def applies(attention, x) -> bool:
     if not all(hasattr(attention, name) for name in PROJECTIONS):
         return False  # a fused qkv_proj (Phi-3): one projection already
     adapted = _adapted(attention)
-    return (len(adapted) >= 2 and torch.is_grad_enabled() and not torch.is_autocast_enabled() and use_triton(x)
+    return (len(adapted) >= 2 and training_pass() and not torch.is_autocast_enabled() and use_triton(x)
             and all(fusable(getattr(attention, name)) for name in PROJECTIONS))
 
 

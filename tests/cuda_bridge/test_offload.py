@@ -127,6 +127,43 @@ def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(model_dirs, m
         assert offloader._last_offloaded() is None
 
 
+def test_recomputing_a_block_skips_the_down_projection_whose_output_only_the_residual_reads(model_dirs, monkeypatch):
+    """With the kernels on (Triton; interpreted on a CPU), a block recomputed for its backward runs
+    its MLP without the down projection's product: only its gradient is wanted there. The loss and
+    gradients are bit for bit those of the same checkpointing computing it ("full": no layer class
+    listed as summing its MLP into the residual), and torch's checkpointing's to rounding. The
+    first forward, without a graph, takes the fused MLP Function as the recomputation does."""
+    from cuda_bridge import patching
+    from cuda_bridge.kernels.lora_mlp import LoRAMLPFunction
+
+    monkeypatch.delenv("MACFT_KERNELS", raising=False)
+    fused = []  # one entry a LoRAMLPFunction forward: the first forward and the recomputation alike
+    forward = LoRAMLPFunction.forward
+    monkeypatch.setattr(LoRAMLPFunction, "forward", staticmethod(lambda *a: fused.append(1) or forward(*a)))
+    ids, mask = padded_batch(2, 12, [12, 9], 512, seed=4)
+    results, products = {}, {}
+    for mode in ("torch", "full", "plain", "offload"):
+        with monkeypatch.context() as patch:
+            if mode == "full":
+                patch.setattr(patching, "_LAYERS_SUMMING_MLP", ())
+            model = lora_model(model_dirs("llama"), "plain" if mode == "full" else mode)[0]
+            downs = []  # one entry a product of a down projection's base layer
+            for layer in decoder_layers(model):
+                layer.mlp.down_proj.linear.register_forward_hook(lambda *_: downs.append(1))
+            fused.clear()
+            results[mode] = train_step(model, ids, mask)
+            products[mode] = len(downs) / len(decoder_layers(model))
+            assert len(fused) == 2 * len(decoder_layers(model)), mode
+    # A product a block in the forward, a second in the recomputation but for the skipping ones
+    assert products == {"torch": 2, "full": 2, "plain": 1, "offload": 1}
+    for mode in ("plain", "offload"):
+        assert torch.equal(results[mode][0], results["full"][0]), mode
+        torch.testing.assert_close(results[mode][0], results["torch"][0], rtol=1e-6, atol=1e-6)
+        for name, grad in results["full"][1].items():
+            assert grad.abs().max() > 0 and torch.equal(results[mode][1][name], grad), (mode, name)
+            torch.testing.assert_close(grad, results["torch"][1][name], rtol=1e-5, atol=1e-6)
+
+
 def test_recomputed_blocks_draw_the_same_dropout_as_torch_checkpointing(model_dirs, monkeypatch):
     monkeypatch.setenv("MACFT_KERNELS", "reference")
     ids, mask = padded_batch(3, 16, [16, 11, 5], 512, seed=7)
