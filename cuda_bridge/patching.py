@@ -140,7 +140,8 @@ def _mlp_forward(self, x):
 
 def _recomputed_into_residual(mlp) -> bool:
     """Whether this MLP runs in the recomputation of its decoder layer for the backward, its output
-    going only into the layer's residual sum: then no op reads the output's values."""
+    going only into the layer's residual sum: then no op reads the output's values (a forward hook
+    on the MLP or the layer would see zeros there; the first forward gives it the real values)."""
     layer = recomputed_block()
     return layer is not None and type(layer).__name__ in _LAYERS_SUMMING_MLP and getattr(layer, "mlp", None) is mlp
 
