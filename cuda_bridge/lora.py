@@ -145,12 +145,17 @@ def precomputed_outputs(x, outputs: dict):
         _PRECOMPUTED.reset(token)
 
 
+# 0: a checkpointed block's first forward runs the modules one by one, as before 2026-12-06 (for
+# `gpu_figures.sh cuda-first-forward`, which times the two side by side).
+FUSED_FIRST_FORWARD = 1
+
+
 def training_pass() -> bool:
     """Whether this forward is one a training step differentiates: gradients on, or a checkpointed
     block's first forward (no graph, but the arithmetic of its recomputation). The fused LoRA
     Functions (``kernels.lora_mlp``, ``kernels.lora_qkv``) take both: the first forward then makes
     the recomputation's values, and costs the host one call where the modules made several."""
-    return torch.is_grad_enabled() or checkpointed_forward()
+    return torch.is_grad_enabled() or (FUSED_FIRST_FORWARD and checkpointed_forward())
 
 
 def _as(tensor, dtype):

@@ -5,7 +5,7 @@
 #
 #   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts
 #   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-host|cuda-tests
-#   (cuda-sync and cuda-host need no kit: the host's torch is enough; scripts/one_call_kit.sh packs
+#   (cuda-first-forward, cuda-sync and cuda-host need no kit: the host's torch is enough; scripts/one_call_kit.sh packs
 #   the unsloth kit for one call: source .device/unsloth-one/install.sh, no staging call first)
 #
 # mlx-*: the MLX core on MLX's CUDA backend beside mlx-lm-lora 5.10.2 (issue 12's rows);
@@ -18,7 +18,7 @@
 # BUNDLE=1 packs $OUT's files into one $OUT/<part>.tgz at the end (the device returns 8 files a call).
 set -uo pipefail
 
-PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-host|cuda-tests"}
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-first-forward|cuda-sync|cuda-host|cuda-tests"}
 OUT=${OUT:-gpu-figures}
 TOKENIZER=${TOKENIZER:-.device/tok}
 mkdir -p "$OUT"
@@ -168,6 +168,23 @@ cuda-8b | cuda-8b-4bit)  # issue 13: 8B, batch 1 (one call each: the 16 GB rando
     else
         LIMIT=${LIMIT:-560} row cuda-8b-4bit "${sft[@]}" --load-in-4bit --json "$OUT/cuda-8b-4bit.json"
     fi
+    ;;
+cuda-first-forward)  # issue 13: the fused first forward of checkpointed blocks (lora.FUSED_FIRST_FORWARD) on
+    # and off, macft alone, alternating (the bench's speed moves from run to run), then where the 8B step's host
+    # time goes (the 8B step waits on its host: 165 ms of kernels in a 283 ms step on an H100)
+    export MACFT_BACKEND=cuda
+    for shape in llama-3.2-1b:4 llama-3.1-8b:1; do  # each model written once, read by the four rows
+        model=/tmp/shape-${shape%%:*}
+        [ -f "$model/config.json" ] || python3 -c "from macft.bench_hf import build_shape_dir as b
+b('${shape%%:*}', '$model', tokenizer_dir='$TOKENIZER')"
+        for fused in 0 1 0 1; do
+            LIMIT=90 row "cuda-first-forward-${shape%%:*}-$fused" "${PATCHED[@]}" cuda_bridge.lora FUSED_FIRST_FORWARD \
+                "$fused" bench sft --backend cuda --model "$model" --seq-len 2048 --batch-size "${shape##*:}" \
+                --lora-rank 16 --steps 6 --warmup 3 --grad-checkpoint --offload-checkpoints --no-hf-peer
+        done
+    done
+    LIMIT=150 row cuda-host-8b python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" --model-shape llama-3.1-8b \
+        --batch-size 1 --sort cpu_time_total --rows 40 --idle
     ;;
 cuda-sync)  # issue 13: why the bridge's 4-bit step idles the GPU (its kernels take a bf16 step's GPU time):
     # where the host waits for the GPU, and the host's time by operator (no kit needed)
