@@ -55,7 +55,7 @@ class RecomputedBlock(torch.autograd.Function):
                 kept.append(packed)
         ctx.save_for_backward(*saved)
         ctx.kept = kept
-        with _checkpointed_forward():
+        with _running(_FORWARD, function):
             return function(*args)
 
     @staticmethod
@@ -64,7 +64,7 @@ class RecomputedBlock(torch.autograd.Function):
         args = [next(saved) if k is _SAVED else ctx.checkpointer.unpack(k) for k in ctx.kept]
         needs = ctx.needs_input_grad[3:]
         inputs = [a.detach().requires_grad_(need) if isinstance(a, torch.Tensor) else a for a, need in zip(args, needs)]
-        with _replayed_rng(ctx), torch.enable_grad(), _autocast(ctx.autocast), _recomputing(ctx.function):
+        with _replayed_rng(ctx), torch.enable_grad(), _autocast(ctx.autocast), _running(_RECOMPUTATION, ctx.function):
             outputs = ctx.function(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, output_grads)
@@ -77,16 +77,17 @@ class RecomputedBlock(torch.autograd.Function):
 
 _SAVED = object()  # marks an input kept through save_for_backward (not packed into another object)
 
-# The function of the block being recomputed, or None. A module global, not a context variable:
-# the recomputation runs on autograd's device thread.
-_RECOMPUTING = None
+# The pass of a checkpointed block that is running: (_FORWARD or _RECOMPUTATION, its function), or
+# None. A module global, not a context variable: the recomputation runs on autograd's device thread.
+_FORWARD, _RECOMPUTATION = "forward", "recomputation"
+_RUNNING = None
 
 
 def recomputing() -> bool:
     """Whether a checkpointed block is being recomputed, its backward to follow at once: a kernel
     may keep there what its backward would otherwise make again (``lora.base_output``), for one
     block at a time."""
-    return _RECOMPUTING is not None
+    return _RUNNING is not None and _RUNNING[0] == _RECOMPUTATION
 
 
 def recomputed_block() -> torch.nn.Module | None:
@@ -94,36 +95,23 @@ def recomputed_block() -> torch.nn.Module | None:
     say which module it runs. Only the gradients of a recomputation are used, never its outputs'
     values, so an output that no op of the block reads back need not be computed there
     (``patching``'s MLP forward)."""
-    return None if _RECOMPUTING is None else _block(_RECOMPUTING)
-
-
-_FORWARD = False  # whether a checkpointed block's first forward runs (a module global: as _RECOMPUTING)
+    return _block(_RUNNING[1]) if recomputing() else None
 
 
 def checkpointed_forward() -> bool:
     """Whether a checkpointed block's first forward is running: without a graph, but the arithmetic
     of the recomputation its backward will run (``lora.training_pass``)."""
-    return _FORWARD
+    return _RUNNING is not None and _RUNNING[0] == _FORWARD
 
 
 @contextmanager
-def _checkpointed_forward():
-    global _FORWARD
-    outer, _FORWARD = _FORWARD, True
+def _running(kind, function):
+    global _RUNNING
+    outer, _RUNNING = _RUNNING, (kind, function)
     try:
         yield
     finally:
-        _FORWARD = outer
-
-
-@contextmanager
-def _recomputing(function):
-    global _RECOMPUTING
-    outer, _RECOMPUTING = _RECOMPUTING, function
-    try:
-        yield
-    finally:
-        _RECOMPUTING = outer
+        _RUNNING = outer
 
 
 @contextmanager

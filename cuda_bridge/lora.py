@@ -208,7 +208,7 @@ def in_dtype(adapters, dtype):
     backward alike, and once a step inside ``adapter_casts_per_step`` (None stays None)."""
     casts = _STEP_CASTS
     if casts is None:
-        return [None if t is None else t.to(dtype) for t in adapters]
+        return [None if t is None else _as(t, dtype) for t in adapters]
     return [None if t is None else _cast_once(t, dtype, casts) for t in adapters]
 
 
