@@ -16,7 +16,7 @@ MLX-format ``QuantizedLinear`` (QLoRA). Adapter parameters are float32 whatever 
 as in mlx-lm.
 
 The LoRA branch computes in the input's dtype (bf16 on a bf16 base), the float32 adapter weights
-cast per call (once a step inside the trainer's step: ``adapter_casts_per_step``), as the MLX
+cast per call (once a step inside the trainer's step: ``AdapterCasts``), as the MLX
 core's ``use_input_dtype_lora`` does: promoting the input to float32 instead would keep a float32
 copy of every adapted layer's input for the backward pass (q, k and v each their own) and run the
 branch's matmuls in float32. The MLX core measured 3 GB less peak
@@ -179,45 +179,117 @@ def add_adapter(y, xa, lora_b, scale):
     return rows.addmm_(xa, lora_b, alpha=scale).view(y.shape)
 
 
-# {(id(parameter), dtype): (parameter, its version, the cast)} while adapter_casts_per_step is on.
-# A module global rather than a context variable: the recomputation of a checkpointed block and
-# the backward run on autograd's device thread, which does not see the caller's context.
+# The AdapterCasts of the training step running, or None. A module global rather than a context
+# variable: the recomputation of a checkpointed block and the backward run on autograd's device
+# thread, which does not see the caller's context.
 _STEP_CASTS = None
 
 
-@contextlib.contextmanager
-def adapter_casts_per_step():
-    """Inside, each float32 adapter matrix is cast to the activations' dtype once (``in_dtype``)
+class AdapterCasts:
+    """The float32 adapter matrices in the activations' dtype, made once a training step (``step``)
     instead of at each forward: under checkpointing a block's forward runs twice a step (without
-    gradients, then recomputed with them in the backward), and both use the one cast (at the 1B
-    shape 224 casts a step instead of 448, each a launch and ~13 us of the host's time).
-    For one training step's passes, the trainer's ``compute_gradients``: the adapters do not
-    change until the optimizer steps, after it. A parameter changed in place in between (its
-    version moves) is cast again."""
-    global _STEP_CASTS
-    outer = _STEP_CASTS
-    _STEP_CASTS = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _STEP_CASTS = outer
+    gradients, then recomputed with them in the backward), and both use the one cast; the adapters
+    do not change until the optimizer steps, after it.
+
+    ``parameters`` (the model's lora_a and lora_b, ``adapter_matrices``) are cast together, by one
+    foreach copy into buffers kept from step to step, the first time a forward asks for one of them
+    in a dtype (at the 8B shape one launch a step where there were 448 casts, each a launch and
+    ~13 us of the host's time); any other matrix is cast on its own, once a step. A parameter
+    changed in place during the step (its version moves) is cast again."""
+
+    def __init__(self, parameters=()):
+        self.parameters = list(parameters)
+        self._known = {id(p) for p in self.parameters}
+        self._buffers = {}  # dtype -> one tensor per parameter, written again each step
+        self._casts = {}  # (id(parameter), dtype) -> (parameter, its version, the cast), this step
+        self._joined = {}  # the casts' ids and versions -> their columns side by side, this step
+        self._batched = set()  # the dtypes the parameters were cast to together this step
+
+    @contextlib.contextmanager
+    def step(self):
+        """One training step's passes (``compute_gradients``): inside, ``in_dtype`` reads the casts
+        from here. Inside another step, that one's casts serve."""
+        global _STEP_CASTS
+        if _STEP_CASTS is not None:
+            yield
+            return
+        _STEP_CASTS = self
+        try:
+            yield
+        finally:
+            _STEP_CASTS = None
+            self._casts, self._joined, self._batched = {}, {}, set()
+
+    def cast(self, parameter, dtype):
+        if parameter.dtype == dtype:
+            return parameter
+        key = (id(parameter), dtype)
+        entry = self._casts.get(key)
+        if entry is None and dtype not in self._batched and id(parameter) in self._known:
+            self._cast_together(dtype)
+            entry = self._casts.get(key)
+        if entry is None or entry[0] is not parameter or entry[1] != parameter._version:
+            entry = self._casts[key] = (parameter, parameter._version, parameter.detach().to(dtype))
+        return entry[2]
+
+    def joined(self, casts):
+        """The casts' columns side by side (the A of q, k and v: ``kernels.lora_linear``), once a step."""
+        key = tuple((id(c), c._version) for c in casts)
+        if key not in self._joined:
+            self._joined[key] = torch.cat(casts, dim=1)
+        return self._joined[key]
+
+    def _cast_together(self, dtype):
+        self._batched.add(dtype)
+        chosen = [p for p in self.parameters if p.dtype != dtype]
+        if not chosen:
+            return
+        if dtype not in self._buffers:
+            self._buffers[dtype] = [torch.empty_like(p, dtype=dtype) for p in chosen]
+        buffers = self._buffers[dtype]
+        with torch.no_grad():
+            torch._foreach_copy_(buffers, chosen)
+        for parameter, buffer in zip(chosen, buffers):
+            self._casts[(id(parameter), dtype)] = (parameter, parameter._version, buffer)
+
+
+def adapter_casts_per_step():
+    """A step's casts (``AdapterCasts.step``) with no matrices cast together: each once a step."""
+    return AdapterCasts().step()
+
+
+def adapter_matrices(model) -> list:
+    """The model's lora_a and lora_b parameters (what ``AdapterCasts`` casts together)."""
+    return [m for _, module in lora_modules(model) for m in (module.lora_a, module.lora_b)]
 
 
 def in_dtype(adapters, dtype):
     """The adapter matrices cast to the activations' dtype, once for a fused Function's forward and
-    backward alike, and once a step inside ``adapter_casts_per_step`` (None stays None)."""
+    backward alike, and once a step inside ``AdapterCasts.step`` (None stays None)."""
     casts = _STEP_CASTS
     if casts is None:
         return [None if t is None else _as(t, dtype) for t in adapters]
-    return [None if t is None else _cast_once(t, dtype, casts) for t in adapters]
+    return [None if t is None else casts.cast(t, dtype) for t in adapters]
 
 
-def _cast_once(parameter, dtype, casts):
-    key = (id(parameter), dtype)
-    entry = casts.get(key)
-    if entry is None or entry[0] is not parameter or entry[1] != parameter._version:
-        entry = casts[key] = (parameter, parameter._version, parameter.detach().to(dtype))
-    return entry[2]
+def joined_columns(casts):
+    """torch.cat(casts, dim=1), once a step inside ``AdapterCasts.step``."""
+    step = _STEP_CASTS
+    return torch.cat(casts, dim=1) if step is None else step.joined(casts)
+
+
+def product_in(a, b, dtype):
+    """a @ b in dtype, for 2-D a and b. A float32 parameter's gradient from bf16 (or fp16)
+    activations comes out of the GEMM in float32 on a GPU (``out_dtype``: cuBLAS accumulates in
+    float32 anyway), where a bf16 product would be cast by autograd's engine, a launch per
+    parameter (at the 8B shape 352 a step); elsewhere the product in a's dtype, which the engine
+    casts."""
+    if a.dtype == dtype or not a.is_cuda or not _MM_OUT_DTYPE or dtype != torch.float32:
+        return a @ b
+    return torch.mm(a, b, out_dtype=dtype)
+
+
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch >= 2.8
 
 
 def base_output(base, x2):
@@ -253,12 +325,21 @@ def fusable(projection) -> bool:
     projection as its module would: a frozen base, and an adapter without dropout or DoRA that is
     on and trained (or no adapter)."""
     base = getattr(projection, "linear", projection)
-    if any(p.requires_grad for p in base.parameters()):
+    if not _frozen(base):
         return False  # a trained base (full fine-tuning) needs its weight gradient: autograd's job
     if not hasattr(projection, "lora_a"):
         return True
     return (not projection.use_dora and not projection.disabled and isinstance(projection.dropout, nn.Identity)
             and projection.lora_a.requires_grad and projection.lora_b.requires_grad)
+
+
+def _frozen(module) -> bool:
+    """No parameter of the module takes a gradient. A leaf layer's own parameters are read
+    directly: ``parameters()`` walks the module tree through generators, several microseconds of
+    the host's time, and the fused Functions ask this of every projection each time they run."""
+    if module._modules:
+        return not any(p.requires_grad for p in module.parameters())
+    return not any(p is not None and p.requires_grad for p in module._parameters.values())
 
 
 def _device_of(module):

@@ -22,6 +22,7 @@ numbers there.
 
 import contextlib
 import contextvars
+import functools
 import sys
 
 import torch
@@ -109,16 +110,22 @@ def _rms_norm_forward(self, hidden_states):
 
 def _glu_kind(mlp):
     """"swiglu" / "geglu" for the MLP's activation, or None when no kernel computes it."""
+    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+    return _activation_kind(type(act), getattr(act, "approximate", "none"))
+
+
+@functools.lru_cache(maxsize=None)
+def _activation_kind(act_class, approximate):
+    """_glu_kind by the activation's class (every MLP call asks it: once a class, not each time)."""
     from transformers import activations
 
     def classes(*names):  # the names differ between transformers versions
         return tuple(getattr(activations, n) for n in names if hasattr(activations, n))
 
-    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
-    if isinstance(act, (torch.nn.SiLU, *classes("SiLUActivation"))):
+    if issubclass(act_class, (torch.nn.SiLU, *classes("SiLUActivation"))):
         return "swiglu"
-    if isinstance(act, classes("GELUTanh", "PytorchGELUTanh")) or (
-            isinstance(act, torch.nn.GELU) and getattr(act, "approximate", "none") == "tanh"):
+    if issubclass(act_class, classes("GELUTanh", "PytorchGELUTanh")) or (
+            issubclass(act_class, torch.nn.GELU) and approximate == "tanh"):
         return "geglu"
     return None
 

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from cuda_bridge import distributed
-from cuda_bridge.lora import adapter_casts_per_step
+from cuda_bridge.lora import AdapterCasts, adapter_matrices
 from macft.distributed import fsdp_enabled
 from macft.errors import TrainingError
 from macft.training import TrainingLoop
@@ -211,6 +211,7 @@ class Trainer(TrainingLoop):
         self._param_names = [name for name, _ in named]
         self._params = [p for _, p in named]
         self.optimizer = self.make_optimizer(self._params)
+        self._adapter_casts = AdapterCasts(adapter_matrices(self.model))
         self.optimizer_steps = 0
         self._pending = None
         self._filler = None  # a micro-batch this rank repeats with share 0 in a step it has too few for
@@ -257,7 +258,7 @@ class Trainer(TrainingLoop):
         if self.sharded:
             return self._sharded_gradients(micro, shares)
         summed_loss, summed_metrics = 0.0, {}
-        with adapter_casts_per_step():  # the adapters stay as they are until apply_gradients
+        with self._adapter_casts.step():  # the adapters stay as they are until apply_gradients
             for batch, share in zip(micro, shares):
                 loss, metrics = self.loss(self.model, *batch)
                 (loss * share).backward()

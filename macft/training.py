@@ -30,6 +30,7 @@ It imports neither mlx nor torch.
 import contextlib
 import dataclasses
 import errno
+import gc
 import json
 import logging
 import math
@@ -322,7 +323,9 @@ class TrainingLoop:
         return bool(every) and step % every == 0
 
     def train(self, resume_from_checkpoint=None):
-        with _one_line_warnings(lambda: getattr(self, "_progress_bar", None)), _quiet_sequence_length_warning():
+        with _one_line_warnings(lambda: getattr(self, "_progress_bar", None)), _quiet_sequence_length_warning(), \
+                _long_lived_objects_frozen() as freeze:
+            self._freeze_long_lived_objects = freeze
             return self._train(resume_from_checkpoint)
 
     def _train(self, resume_from_checkpoint=None):
@@ -356,6 +359,7 @@ class TrainingLoop:
 
         total = self.total_steps()
         batches = self._step_batches()
+        self._freeze_long_lived_objects()
         started_at, first_step, losses = time.perf_counter(), self.state["step"], []
         bar = tqdm(total=total, initial=self.state["step"], desc=type(self).__name__, unit="step",
                    disable=bool(self.args.disable_tqdm) or not main, dynamic_ncols=True)
@@ -855,6 +859,29 @@ def _one_line_warnings(progress_bar):
         yield
     finally:
         warnings.formatwarning = original
+
+
+@contextlib.contextmanager
+def _long_lived_objects_frozen():
+    """Yields freeze(): it moves the objects alive then (the model's modules and parameters, the
+    dataset, the tokenizer: at the 1B shape ~450 thousand) out of the garbage collector's sight
+    (``gc.freeze``) until the context ends. A full collection otherwise walks all of them (0.1 to
+    0.2 s on the CI machine, once every few dozen steps at the 1B shape), and on a GPU the host's
+    time is the step's time once the kernels outrun it. Garbage among them is still freed by reference counting; only a reference
+    cycle among them lives until the end. Where the heap is frozen already, its owner's to manage."""
+    froze = []
+
+    def freeze():
+        if not froze and not gc.get_freeze_count():
+            gc.collect()
+            gc.freeze()
+            froze.append(True)
+
+    try:
+        yield freeze
+    finally:
+        if froze:
+            gc.unfreeze()
 
 
 class _DropSequenceLengthWarning(logging.Filter):

@@ -20,8 +20,9 @@ A = [A_1 | ... | A_n] (in, r_1 + ... + r_n), and the backward adds into one buff
 as Unsloth's fused QKV LoRA does for q, k, v. The forward's matmuls are LoRALinear's (the adapter
 added inside the base output's GEMM, ``lora.add_adapter``); the gradients differ from autograd's
 only in the order of the sums. The adapter matrices are cast to x's dtype once for the forward
-and the backward (once a step inside ``lora.adapter_casts_per_step``), and their gradients are
-returned in x's dtype: autograd's engine casts them to the parameters' float32 as it accumulates.
+and the backward (once a step inside ``lora.AdapterCasts.step``, A joined too), and on a GPU their
+gradients come out of the GEMMs in the parameters' float32 (``lora.product_in``; elsewhere in x's
+dtype, which autograd's engine casts as it accumulates).
 
 ``lora.LoRALinear`` runs a lone layer through the Function while training; ``kernels.lora_qkv``
 runs an attention's q, k, v through it (both only when ``lora.fusable`` says the Function computes
@@ -30,7 +31,7 @@ what the module would: a frozen base; no dropout, DoRA or disabled adapter).
 
 import torch
 
-from cuda_bridge.lora import add_adapter, base_input_grad, base_output, in_dtype
+from cuda_bridge.lora import add_adapter, base_input_grad, base_output, in_dtype, joined_columns, product_in
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -44,7 +45,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
             cast = in_dtype(adapters, x.dtype)
-            a_joined = cast[0] if count == 1 else torch.cat(cast[0::2], dim=1)
+            a_joined = cast[0] if count == 1 else joined_columns(cast[0::2])
             xa = x2 @ a_joined
             ranks = [a.shape[1] for a in cast[0::2]]
             xa_parts = (xa,) if count == 1 else xa.split(ranks, dim=1)
@@ -54,6 +55,7 @@ class LoRALinearFunction(torch.autograd.Function):
                        for (y, _), scale, part, b in zip(base_outputs, scales, xa_parts, cast[1::2])]
         ctx.save_for_backward(x2, xa, a_joined, *cast[1::2], *(dense for _, dense in base_outputs))
         ctx.bases, ctx.scales, ctx.ranks, ctx.input_shape = bases, scales, ranks, x.shape
+        ctx.grad_dtype = adapters[0].dtype
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
 
     @staticmethod
@@ -67,9 +69,10 @@ class LoRALinearFunction(torch.autograd.Function):
         d_xa_parts = [(grad @ b.t()).mul_(scale) for grad, b, scale in zip(grads, bs, ctx.scales)]
         d_xa = d_xa_parts[0] if len(d_xa_parts) == 1 else torch.cat(d_xa_parts, dim=1)
         dx.addmm_(d_xa, a_joined.t())
-        grad_a = x2.t() @ d_xa
+        grad_a = product_in(x2.t(), d_xa, ctx.grad_dtype)
         grad_as = (grad_a,) if len(ctx.ranks) == 1 else grad_a.split(ctx.ranks, dim=1)
         xa_parts = (xa,) if len(ctx.ranks) == 1 else xa.split(ctx.ranks, dim=1)
-        grad_bs = [(part.t() @ grad).mul_(scale) for part, grad, scale in zip(xa_parts, grads, ctx.scales)]
+        grad_bs = [product_in(part.t(), grad, ctx.grad_dtype).mul_(scale)
+                    for part, grad, scale in zip(xa_parts, grads, ctx.scales)]
         pairs = [g for pair in zip(grad_as, grad_bs) for g in pair]
         return (dx.view(ctx.input_shape), *pairs, *([None] * len(pairs)))

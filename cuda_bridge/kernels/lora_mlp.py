@@ -36,7 +36,7 @@ import torch
 
 from cuda_bridge.kernels.dispatch import use_triton
 from cuda_bridge.kernels.swiglu import _GELU_TANH, _SILU, _SQRT_2_OVER_PI
-from cuda_bridge.lora import add_adapter, base_input_grad, base_output, fusable, in_dtype, training_pass
+from cuda_bridge.lora import add_adapter, base_input_grad, base_output, fusable, in_dtype, product_in, training_pass
 
 try:  # Triton is optional: without it the module-by-module MLP runs.
     import triton
@@ -85,14 +85,15 @@ def _project(base, a, b, scale, x2):
     return add_adapter(y, xa, b, scale), xa, dense
 
 
-def _adapter_grads(a, b, scale, x, xa, grad, dx):
+def _adapter_grads(a, b, scale, x, xa, grad, dx, grad_dtype):
     """LoRA's share of one projection's backward, as autograd of addmm computes it: the adapter
-    gradients (in grad's dtype; A and B in it too), and x's gradient through the adapter added into dx."""
+    gradients (in grad_dtype where ``lora.product_in`` can, else in grad's; A and B in grad's dtype),
+    and x's gradient through the adapter added into dx."""
     if a is None:
         return None, None
     d_xa = (grad @ b.t()).mul_(scale)
-    grad_b = (xa.t() @ grad).mul_(scale)
-    grad_a = x.t() @ d_xa
+    grad_b = product_in(xa.t(), grad, grad_dtype).mul_(scale)
+    grad_a = product_in(x.t(), d_xa, grad_dtype)
     dx.addmm_(d_xa, a.t())
     return grad_a, grad_b
 
@@ -110,18 +111,19 @@ class LoRAMLPFunction(torch.autograd.Function):
             adapters = in_dtype((a_gate, b_gate, a_up, b_up, a_down, b_down), x.dtype)
             gate, xa_gate, w_gate = _project(gate_proj[0], *adapters[0:2], gate_proj[3], x2)
             up, xa_up, w_up = _project(up_proj[0], *adapters[2:4], up_proj[3], x2)
-            h = _glu(gate, up, act)
             if not graph:  # nothing will differentiate this call: gate and up go before down's product
+                h = _glu(gate, up, act)
                 del gate, up
                 y = _project(down_proj[0], *adapters[4:6], down_proj[3], h)[0]
                 return y.view(*x.shape[:-1], y.shape[-1])
             if output_read:
-                y, ha_down, w_down = _project(down_proj[0], *adapters[4:6], down_proj[3], h)
-            else:  # only y's gradient is wanted (see lora_mlp): what the backward reads, not y
-                ha_down, w_down = None if adapters[4] is None else h @ adapters[4], None
-                y = h.new_zeros(()).expand(h.shape[0], down_proj[0].out_features)
+                y, ha_down, w_down = _project(down_proj[0], *adapters[4:6], down_proj[3], _glu(gate, up, act))
+            else:  # only y's gradient is wanted (see lora_mlp): the backward makes h and h A_down itself
+                ha_down = w_down = None
+                y = gate.new_zeros(()).expand(gate.shape[0], down_proj[0].out_features)
         ctx.save_for_backward(x2, gate, up, xa_gate, xa_up, ha_down, *adapters, w_gate, w_up, w_down)
         ctx.projections, ctx.act, ctx.input_shape = projections, act, x.shape
+        ctx.grad_dtype = next((t.dtype for t in (a_gate, a_up, a_down) if t is not None), x.dtype)
         ctx.used = False
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -144,14 +146,16 @@ class LoRAMLPFunction(torch.autograd.Function):
         h, d_gate, d_up = dh, gate, up
         grad_a_down = grad_b_down = None
         if a_down is not None:
-            grad_a_down = h.t() @ d_ha
-            grad_b_down = (ha_down.t() @ dy).mul_(s_down)
+            if ha_down is None:  # skipped by the forward (output_read=False): from the h just made
+                ha_down = h @ a_down
+            grad_a_down = product_in(h.t(), d_ha, ctx.grad_dtype)
+            grad_b_down = product_in(ha_down.t(), dy, ctx.grad_dtype).mul_(s_down)
         del h, dh
 
         dx = base_input_grad(up_base, d_up, into=base_input_grad(gate_base, d_gate, dense=w_gate), dense=w_up)
-        grad_a_gate, grad_b_gate = _adapter_grads(a_gate, b_gate, s_gate, x2, xa_gate, d_gate, dx)
-        grad_a_up, grad_b_up = _adapter_grads(a_up, b_up, s_up, x2, xa_up, d_up, dx)
-        # In x's dtype: autograd's engine casts them to the parameters' float32 (kernels.lora_linear).
+        grad_a_gate, grad_b_gate = _adapter_grads(a_gate, b_gate, s_gate, x2, xa_gate, d_gate, dx, ctx.grad_dtype)
+        grad_a_up, grad_b_up = _adapter_grads(a_up, b_up, s_up, x2, xa_up, d_up, dx, ctx.grad_dtype)
+        # Where not in the parameters' float32 already, autograd's engine casts them (kernels.lora_linear).
         return (dx.view(ctx.input_shape), grad_a_gate, grad_b_gate, grad_a_up, grad_b_up, grad_a_down, grad_b_down,
                 None, None, None, None)
 
@@ -172,8 +176,10 @@ def lora_mlp(x, gate_proj, up_proj, down_proj, activation: str = "swiglu", outpu
 
     ``output_read=False``: the caller wants the gradients only, and no op reads the output's values
     (a recomputed block whose MLP output only goes into the residual sum: ``patching``). The down
-    projection's product is then skipped (28% of a Llama-3.2-1B block's forward matmul work), the
-    output is a zero-stride tensor of zeros, and the backward is the same."""
+    projection's product is then skipped (28% of a Llama-3.2-1B block's forward matmul work), and
+    with it the activation h and h A_down, which the backward makes from the h its activation
+    kernel writes anyway (one GLU launch and an intermediate-wide buffer fewer per block); the
+    output is a zero-stride tensor of zeros, and the gradients are the same."""
     projections = tuple(_adapter(p) for p in (gate_proj, up_proj, down_proj))
     adapters = [t for base, a, b, _ in projections for t in (a, b)]
     # Without gradients (a checkpointed block's first forward) the Function keeps nothing.

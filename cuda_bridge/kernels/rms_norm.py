@@ -121,28 +121,34 @@ def _num_programs(device, n_blocks):
     return max(1, min(n_blocks, target))
 
 
+def _forward(x, weight, eps, offset, cast_before_weight):
+    """(y, x as (rows, n_cols), the rows' 1 / rms) by the forward kernel."""
+    shape = x.shape
+    n_cols = shape[-1]
+    x2 = x.reshape(-1, n_cols)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n_rows = x2.shape[0]
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block_m, block_n, num_warps = _launch_shape(n_cols)
+    if n_rows:
+        grid = (triton.cdiv(n_rows, block_m),)
+        _rms_norm_fwd[grid](x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), float(eps),
+                            float(offset), CAST_BEFORE_WEIGHT=bool(cast_before_weight),
+                            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y.view(shape), x2, rstd
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Autograd wrapper of the two kernels; x is taken as (rows, n_cols) over its last dim."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset, cast_before_weight):
-        shape = x.shape
-        n_cols = shape[-1]
-        x2 = x.reshape(-1, n_cols)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        n_rows = x2.shape[0]
-        y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block_m, block_n, num_warps = _launch_shape(n_cols)
-        if n_rows:
-            grid = (triton.cdiv(n_rows, block_m),)
-            _rms_norm_fwd[grid](x2, weight, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), float(eps),
-                                float(offset), CAST_BEFORE_WEIGHT=bool(cast_before_weight),
-                                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        y, x2, rstd = _forward(x, weight, eps, offset, cast_before_weight)
         ctx.save_for_backward(x2, weight, rstd)
-        ctx.shape, ctx.offset, ctx.cast_before_weight = shape, float(offset), bool(cast_before_weight)
-        return y.view(shape)
+        ctx.shape, ctx.offset, ctx.cast_before_weight = x.shape, float(offset), bool(cast_before_weight)
+        return y
 
     @staticmethod
     @once_differentiable  # the backward kernels are not themselves differentiated
@@ -158,7 +164,9 @@ class RMSNormFunction(torch.autograd.Function):
         n_blocks = triton.cdiv(n_rows, block_m)
         n_prog = _num_programs(x2.device, n_blocks)
         rows_per_program = triton.cdiv(n_blocks, n_prog) * block_m
-        dw_part = torch.zeros((n_prog, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
+        # Without dw (a frozen norm) the kernel writes nothing there: a placeholder, no launch to clear it.
+        dw_part = (torch.zeros((n_prog, n_cols), dtype=torch.float32, device=x2.device) if compute_dw
+                   else torch.empty(1, dtype=torch.float32, device=x2.device))
         if n_rows:
             _rms_norm_bwd[(n_prog,)](dy2, x2, weight, rstd, dx, dw_part, n_rows, n_cols, rows_per_program,
                                      dy2.stride(0), x2.stride(0), dx.stride(0), ctx.offset,
@@ -183,4 +191,6 @@ def rms_norm(x, weight, eps=1e-6, offset=0.0, *, cast_before_weight=False):
         return rms_norm_reference(x, weight, eps, offset, cast_before_weight)
     if weight.stride(0) != 1:
         weight = weight.contiguous()
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _forward(x, weight, eps, offset, cast_before_weight)[0]  # no graph: no Function to set up
     return RMSNormFunction.apply(x, weight, eps, offset, cast_before_weight)

@@ -130,15 +130,20 @@ def _launch(q, k, qo, ko, cos, sin, backward):
         BLOCK_HALF=block_half, BLOCK_PASS=triton.next_power_of_2(max(n_pass, 1)), num_warps=num_warps)
 
 
+def _forward(q, k, cos, sin):
+    q, k = _last_dim_dense(q), _last_dim_dense(k)
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    if q.numel() and k.numel():
+        _launch(q, k, qo, ko, cos, sin, backward=False)
+    return qo, ko
+
+
 class RoPEFunction(torch.autograd.Function):
     """Autograd wrapper: outputs keep the inputs' strides (HF's q is a transposed view)."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        q, k = _last_dim_dense(q), _last_dim_dense(k)
-        qo, ko = torch.empty_like(q), torch.empty_like(k)
-        if q.numel() and k.numel():
-            _launch(q, k, qo, ko, cos, sin, backward=False)
+        qo, ko = _forward(q, k, cos, sin)
         ctx.save_for_backward(cos, sin)
         ctx.layouts = (qo.stride(), ko.stride())
         return qo, ko
@@ -186,4 +191,7 @@ def apply_rope(q, k, cos, sin):
         return apply_rope_reference(q, k, cos, sin)
     if cos.dim() == 2:
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-    return RoPEFunction.apply(q, k, _last_dim_dense(cos.detach()), _last_dim_dense(sin.detach()))
+    cos, sin = _last_dim_dense(cos.detach()), _last_dim_dense(sin.detach())
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
+        return _forward(q, k, cos, sin)  # no graph: no Function to set up
+    return RoPEFunction.apply(q, k, cos, sin)

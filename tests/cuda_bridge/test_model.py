@@ -107,20 +107,25 @@ def test_kernels_run_under_the_triton_interpreter(tiny_model_dir, monkeypatch):
         reference_logits = model(ids).logits
 
     calls = {}
-    for module, name in ((rms_norm, "RMSNormFunction"), (rope, "RoPEFunction"), (swiglu, "GLUFunction"),
-                         (lora_mlp, "LoRAMLPFunction"), (lora_linear, "LoRALinearFunction")):
-        function = getattr(module, name)
-        original = function.apply
 
-        def counted(*args, _original=original, _name=name):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _original(*args)
+    def count(owner, attribute, name):
+        original = getattr(owner, attribute)
 
-        monkeypatch.setattr(function, "apply", counted)
+        def counted(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return original(*args)
+
+        monkeypatch.setattr(owner, attribute, counted)
+
+    # Without a graph rms_norm and rope launch their forward kernels without their Function.
+    count(rms_norm, "_forward", "rms_norm")
+    count(rope, "_forward", "rope")
+    for module, name in ((swiglu, "GLUFunction"), (lora_mlp, "LoRAMLPFunction"), (lora_linear, "LoRALinearFunction")):
+        count(getattr(module, name), "apply", name)
     monkeypatch.delenv("MACFT_KERNELS")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference_logits, atol=1e-5, rtol=1e-5)
-    assert calls == {"RMSNormFunction": 5, "RoPEFunction": 2, "GLUFunction": 2}
+    assert calls == {"rms_norm": 5, "rope": 2, "GLUFunction": 2}
     kernel_grads = grads()
     # training: each block's MLP is the fused LoRA MLP; its q, k, v one LoRALinearFunction, o_proj another
     assert calls["LoRAMLPFunction"] == 2 and calls["LoRALinearFunction"] == 4

@@ -131,19 +131,24 @@ def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(model_dirs, m
 def test_recomputing_a_block_skips_the_down_projection_whose_output_only_the_residual_reads(
         model_dirs, monkeypatch, load_in_4bit):
     """With the kernels on (Triton; interpreted on a CPU), a block recomputed for its backward runs
-    its MLP without the down projection's product: only its gradient is wanted there. The loss and
-    gradients are bit for bit those of the same checkpointing computing it ("full": no layer class
-    listed as summing its MLP into the residual), and torch's checkpointing's to rounding. The
-    first forward, without a graph, takes the fused MLP Function as the recomputation does."""
+    its MLP without the down projection's product, nor the activation before it (the backward makes
+    it): only its gradient is wanted there. The loss and gradients are bit for bit those of the same
+    checkpointing computing it ("full": no layer class listed as summing its MLP into the residual),
+    and torch's checkpointing's to rounding. The first forward, without a graph, takes the fused MLP
+    Function as the recomputation does."""
     from cuda_bridge import patching
+    from cuda_bridge.kernels import lora_mlp
     from cuda_bridge.kernels.lora_mlp import LoRAMLPFunction
 
     monkeypatch.delenv("MACFT_KERNELS", raising=False)
     fused = []  # one entry a LoRAMLPFunction forward: the first forward and the recomputation alike
     forward = LoRAMLPFunction.forward
     monkeypatch.setattr(LoRAMLPFunction, "forward", staticmethod(lambda *a: fused.append(1) or forward(*a)))
+    activations = []  # one entry a launch of the fused MLP's forward activation kernel
+    glu = lora_mlp._glu
+    monkeypatch.setattr(lora_mlp, "_glu", lambda *a: activations.append(1) or glu(*a))
     ids, mask = padded_batch(2, 12, [12, 9], 512, seed=4)
-    results, products = {}, {}
+    results, products, launches = {}, {}, {}
     modes = ("full", "plain") if load_in_4bit else ("torch", "full", "plain", "offload")  # 4-bit: slow interpreted
     for mode in modes:
         with monkeypatch.context() as patch:
@@ -155,11 +160,15 @@ def test_recomputing_a_block_skips_the_down_projection_whose_output_only_the_res
                 assert (type(layer.mlp.down_proj.linear).__name__ == "QuantizedLinear") == load_in_4bit
                 layer.mlp.down_proj.linear.register_forward_hook(lambda *_: downs.append(1))
             fused.clear()
+            activations.clear()
             results[mode] = train_step(model, ids, mask)
             products[mode] = len(downs) / len(decoder_layers(model))
             assert len(fused) == 2 * len(decoder_layers(model)), mode
-    # A product a block in the forward, a second in the recomputation but for the skipping ones
+            launches[mode] = len(activations) / len(decoder_layers(model))
+    # A product a block in the forward, a second in the recomputation but for the skipping ones, whose
+    # backward makes the activation itself
     assert products == {mode: 2 if mode in ("torch", "full") else 1 for mode in modes}
+    assert launches == products
     for mode in set(modes) & {"plain", "offload"}:
         assert torch.equal(results[mode][0], results["full"][0]), mode
         for name, grad in results["full"][1].items():

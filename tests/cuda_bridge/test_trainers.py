@@ -72,6 +72,38 @@ def test_sft_learns_and_its_adapter_reloads(tiny_model_dir, tmp_path):
         torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("frozen_before", [False, True])
+def test_steps_run_with_the_long_lived_objects_out_of_the_collectors_sight(tiny_model_dir, tmp_path, monkeypatch,
+                                                                             frozen_before):
+    """The objects alive when the steps start (the model, the dataset) are frozen (gc.freeze) for the
+    steps, so that a full collection does not walk them mid-step, and unfrozen after; a heap its
+    owner froze already is left as it is."""
+    import gc
+
+    model, tokenizer = lora_model(tiny_model_dir("llama"))
+    args = cuda_bridge.SFTConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+                                 disable_tqdm=True, save_steps=0)
+    trainer = cuda_bridge.SFTTrainer(model=model, processing_class=tokenizer, args=args, train_dataset=SFT_ROWS)
+    seen = []
+    compute_gradients = type(trainer).compute_gradients
+    monkeypatch.setattr(type(trainer), "compute_gradients",
+                        lambda self, *a: seen.append(gc.get_freeze_count()) or compute_gradients(self, *a))
+    gc.unfreeze()
+    if frozen_before:
+        gc.freeze()
+    owners = gc.get_freeze_count()
+    try:
+        trainer.train()
+        assert len(seen) == 2 and all(count > 0 for count in seen)
+        if frozen_before:  # still frozen (less what reference counting freed meanwhile)
+            assert gc.get_freeze_count() > owners // 2
+        else:
+            assert owners == 0 and seen[0] > 1000  # the model's parameters and modules at least
+            assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
 def test_gradient_accumulation_matches_a_larger_batch(tiny_model_dir, tmp_path):
     """Batch 4 equals batch 2 x 2 accumulated (token-weighted): same loss and the same update (SGD)."""
     results = []

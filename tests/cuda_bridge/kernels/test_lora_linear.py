@@ -2,7 +2,7 @@
 layer run by autograd in plain torch (MACFT_KERNELS=reference): output, input gradient and adapter
 gradients at float32 and bf16 tolerances, on an nn.Linear (with and without bias) and a 4-bit
 base; when the layer takes the Function; the adapter casts made once a step inside
-``lora.adapter_casts_per_step``, cast again after the optimizer changed the adapters; and the 4-bit
+``lora.AdapterCasts.step`` (a model's all together), cast again after the optimizer changed the adapters; and the 4-bit
 bases' dense weights a recomputed block keeps for its backward. (q, k and v together:
 test_lora_qkv.py.)"""
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from cuda_bridge.kernels.lora_linear import LoRALinearFunction
 from cuda_bridge.kernels.quant_matmul import QuantizedLinear
-from cuda_bridge.lora import LoRALinear, adapter_casts_per_step, in_dtype
+from cuda_bridge.lora import AdapterCasts, LoRALinear, adapter_casts_per_step, in_dtype, joined_columns
 
 
 def lora_layer(dtype=torch.float32, bias=False, quantized=False, in_features=64, out_features=48, **options):
@@ -104,6 +104,33 @@ def test_casts_once_a_step_and_again_after_a_change():
         assert again is not first
         torch.testing.assert_close(again, a.detach().to(torch.bfloat16))
     assert in_dtype([a], torch.bfloat16)[0] is not again  # the step's casts are gone
+
+
+def test_a_steps_adapters_are_cast_together_into_buffers_kept_between_steps(monkeypatch):
+    adapters = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3, 5)), nn.Parameter(torch.randn(4, 2))]
+    other = nn.Parameter(torch.randn(2, 2))
+    copies = []
+    foreach_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda out, source: copies.append(len(out)) or foreach_copy(out, source))
+    casts = AdapterCasts(adapters)
+    kept = []
+    for step in range(2):
+        with casts.step():
+            got = in_dtype([adapters[1], None, adapters[0], other], torch.bfloat16)
+            assert copies == [3] * (step + 1)  # the three at the first ask, in one foreach copy
+            got += in_dtype([adapters[2]], torch.bfloat16)
+            assert in_dtype([adapters[2], other], torch.bfloat16) == [got[4], got[3]]  # once a step
+            assert in_dtype([adapters[0]], torch.float32)[0] is adapters[0]  # no cast to its own dtype
+            for cast, parameter in zip([got[0], got[2], got[4], got[3]], [*adapters[1::-1], adapters[2], other]):
+                assert cast.dtype == torch.bfloat16
+                torch.testing.assert_close(cast, parameter.detach().to(torch.bfloat16), atol=0, rtol=0)
+            a, b = joined_columns([got[2], got[4]]), joined_columns([got[2], got[4]])
+            assert a is b and torch.equal(a, torch.cat([got[2], got[4]], dim=1))
+            kept.append(got)
+        for parameter in adapters + [other]:
+            parameter.data.mul_(2)  # as a fused optimizer: in place, the versions unmoved
+    assert kept[1][0] is kept[0][0] and kept[1][3] is not kept[0][3]  # the buffers are the step's casts again
+    assert copies == [3, 3]
 
 
 def test_steps_see_the_optimizers_update(monkeypatch):
