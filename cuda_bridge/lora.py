@@ -253,11 +253,6 @@ class AdapterCasts:
             self._casts[(id(parameter), dtype)] = (parameter, parameter._version, buffer)
 
 
-def adapter_casts_per_step():
-    """A step's casts (``AdapterCasts.step``) with no matrices cast together: each once a step."""
-    return AdapterCasts().step()
-
-
 def adapter_matrices(model) -> list:
     """The model's lora_a and lora_b parameters (what ``AdapterCasts`` casts together)."""
     return [m for _, module in lora_modules(model) for m in (module.lora_a, module.lora_b)]

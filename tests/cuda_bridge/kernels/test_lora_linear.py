@@ -14,7 +14,7 @@ from torch import nn
 
 from cuda_bridge.kernels.lora_linear import LoRALinearFunction
 from cuda_bridge.kernels.quant_matmul import QuantizedLinear
-from cuda_bridge.lora import AdapterCasts, LoRALinear, adapter_casts_per_step, in_dtype, joined_columns
+from cuda_bridge.lora import AdapterCasts, LoRALinear, in_dtype, joined_columns
 
 
 def lora_layer(dtype=torch.float32, bias=False, quantized=False, in_features=64, out_features=48, **options):
@@ -94,7 +94,7 @@ def test_casts_once_a_step_and_again_after_a_change():
     a = nn.Parameter(torch.randn(4, 3))
     outside = in_dtype([a, None], torch.bfloat16)
     assert outside[1] is None and in_dtype([a], torch.bfloat16)[0] is not outside[0]  # a new cast each time
-    with adapter_casts_per_step():
+    with AdapterCasts().step():  # a matrix it was not given: cast on its own, once a step
         first = in_dtype([a], torch.bfloat16)[0]
         assert in_dtype([a], torch.bfloat16)[0] is first
         assert in_dtype([a], torch.float16)[0].dtype == torch.float16
@@ -133,22 +133,25 @@ def test_a_steps_adapters_are_cast_together_into_buffers_kept_between_steps(monk
     assert copies == [3, 3]
 
 
-def test_steps_see_the_optimizers_update(monkeypatch):
-    """Two steps, each inside adapter_casts_per_step, with a fused AdamW update between them (it
+@pytest.mark.parametrize("given", [True, False], ids=["cast together", "cast one by one"])
+def test_steps_see_the_optimizers_update(monkeypatch, given):
+    """Two steps, each inside one AdapterCasts' step (the trainer's: given the adapters, cast together
+    into the same buffers each step; or not given them), with a fused AdamW update between them (it
     changes the parameters without moving their versions): the second step's gradients and outputs
     are those of the updated adapters, as without the casts kept."""
     monkeypatch.setenv("MACFT_KERNELS", "")
     layer = lora_layer(torch.bfloat16)
     x = torch.randn(3, 64).to(torch.bfloat16)
+    casts = AdapterCasts([layer.lora_a, layer.lora_b] if given else [])
 
     def gradients(keep_casts):
         layer.lora_a.grad = layer.lora_b.grad = None
-        with adapter_casts_per_step() if keep_casts else torch.enable_grad():
+        with casts.step() if keep_casts else torch.enable_grad():
             layer(x).float().square().sum().backward()
         return layer.lora_a.grad.clone(), layer.lora_b.grad.clone()
 
     def output_without_gradients(keep_casts):  # a checkpointed block's first forward
-        with adapter_casts_per_step() if keep_casts else torch.enable_grad(), torch.no_grad():
+        with casts.step() if keep_casts else torch.enable_grad(), torch.no_grad():
             return layer(x), layer(x)
 
     optimizer = torch.optim.AdamW([layer.lora_a, layer.lora_b], lr=0.1, fused=True)
