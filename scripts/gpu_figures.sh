@@ -4,7 +4,7 @@
 # kit the part needs (../shared/device/README.md):
 #
 #   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts
-#   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-host|cuda-tests
+#   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-bars|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-host|cuda-tests
 #   (cuda-first-forward, cuda-sync and cuda-host need no kit: the host's torch is enough; scripts/one_call_kit.sh packs
 #   the unsloth kit for one call: source .device/unsloth-one/install.sh, no staging call first)
 #
@@ -18,7 +18,7 @@
 # BUNDLE=1 packs $OUT's files into one $OUT/<part>.tgz at the end (the device returns 8 files a call).
 set -uo pipefail
 
-PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-first-forward|cuda-sync|cuda-host|cuda-tests"}
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-bars|cuda-first-forward|cuda-sync|cuda-host|cuda-tests"}
 OUT=${OUT:-gpu-figures}
 TOKENIZER=${TOKENIZER:-.device/tok}
 mkdir -p "$OUT"
@@ -168,6 +168,20 @@ cuda-8b | cuda-8b-4bit)  # issue 13: 8B, batch 1 (one call each: the 16 GB rando
     else
         LIMIT=${LIMIT:-560} row cuda-8b-4bit "${sft[@]}" --load-in-4bit --json "$OUT/cuda-8b-4bit.json"
     fi
+    ;;
+cuda-bars)  # issue 13's four rows in one call: 1B b4 and 8B b1, bf16 (with HF + PEFT's first loss) and 4-bit,
+    # each beside Unsloth; the models written once (not yet run as one part: its rows took ~6 minutes in all)
+    export MACFT_BACKEND=cuda
+    for shape in llama-3.2-1b:4 llama-3.1-8b:1; do
+        name=${shape%%:*}
+        model=/tmp/shape-$name
+        [ -f "$model/config.json" ] || python3 -c "from macft.bench_hf import build_shape_dir as b
+b('$name', '$model', tokenizer_dir='$TOKENIZER')"
+        sft=(python3 -m macft bench sft --backend cuda --model "$model" --seq-len 2048 --batch-size "${shape##*:}"
+             --lora-rank 16 --steps 6 --warmup 3 --grad-checkpoint --offload-checkpoints --unsloth-python python3)
+        LIMIT=150 row "cuda-bars-$name-bf16" "${sft[@]}" --json "$OUT/cuda-bars-$name-bf16.json"
+        LIMIT=120 row "cuda-bars-$name-4bit" "${sft[@]}" --load-in-4bit --json "$OUT/cuda-bars-$name-4bit.json"
+    done
     ;;
 cuda-first-forward)  # issue 13: the fused first forward of checkpointed blocks (lora.FUSED_FIRST_FORWARD) on
     # and off, macft alone, alternating (the bench's speed moves from run to run), then where the 8B step's host
