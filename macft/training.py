@@ -867,8 +867,9 @@ def _long_lived_objects_frozen():
     dataset, the tokenizer: at the 1B shape ~450 thousand) out of the garbage collector's sight
     (``gc.freeze``) until the context ends. A full collection otherwise walks all of them (0.1 to
     0.2 s on the CI machine, once every few dozen steps at the 1B shape), and on a GPU the host's
-    time is the step's time once the kernels outrun it. Garbage among them is still freed by reference counting; only a reference
-    cycle among them lives until the end. Where the heap is frozen already, its owner's to manage."""
+    time is the step's time once the kernels outrun it. Garbage among them is still freed by
+    reference counting; only a reference cycle among them lives until the end. Where the heap is
+    frozen already, its owner's to manage."""
     froze = []
 
     def freeze():

@@ -2,9 +2,9 @@
 layer run by autograd in plain torch (MACFT_KERNELS=reference): output, input gradient and adapter
 gradients at float32 and bf16 tolerances, on an nn.Linear (with and without bias) and a 4-bit
 base; when the layer takes the Function; the adapter casts made once a step inside
-``lora.AdapterCasts.step`` (a model's all together), cast again after the optimizer changed the adapters; and the 4-bit
-bases' dense weights a recomputed block keeps for its backward. (q, k and v together:
-test_lora_qkv.py.)"""
+``lora.AdapterCasts.step`` (a model's all together), cast again after the optimizer changed the
+adapters; and the 4-bit bases' dense weights a recomputed block keeps for its backward. (q, k and
+v together: test_lora_qkv.py.)"""
 
 import copy
 
@@ -111,7 +111,8 @@ def test_a_steps_adapters_are_cast_together_into_buffers_kept_between_steps(monk
     other = nn.Parameter(torch.randn(2, 2))
     copies = []
     foreach_copy = torch._foreach_copy_
-    monkeypatch.setattr(torch, "_foreach_copy_", lambda out, source: copies.append(len(out)) or foreach_copy(out, source))
+    monkeypatch.setattr(torch, "_foreach_copy_",
+                        lambda out, source: copies.append(len(out)) or foreach_copy(out, source))
     casts = AdapterCasts(adapters)
     kept = []
     for step in range(2):
