@@ -48,9 +48,11 @@ setattr(importlib.import_module(module), name, int(value))
 sys.argv[:4] = ['macft']
 runpy.run_module('macft', run_name='__main__')")
 
-knobs_model() {  # the random 1B model the MLX-CUDA knob parts share, written once to /tmp/knobs-1b
-    [ -f /tmp/knobs-1b/config.json ] ||
-        python3 -c "from macft.bench_hf import build_shape_dir as b; b('llama-3.2-1b', '/tmp/knobs-1b', tokenizer_dir='$TOKENIZER')"
+shape_model() {  # shape_model NAME: the random model of that shape, written once to /tmp/shape-NAME; prints its path
+    local model=/tmp/shape-$1
+    [ -f "$model/config.json" ] ||
+        python3 -c "from macft.bench_hf import build_shape_dir as b; b('$1', '$model', tokenizer_dir='$TOKENIZER')" >&2
+    echo "$model"
 }
 
 case "$PART" in
@@ -95,13 +97,13 @@ mlx-knobs)  # MLX-CUDA's command buffers: kernels per CUDA graph (MLX_MAX_OPS_PE
     # graph cache (MLX_CUDA_GRAPH_CACHE_SIZE, default 100, emptied whole when full), graphs off; each on
     # a rollout's decoding steps and on the compiled training step, macft alone
     export MACFT_BACKEND=mlx
-    knobs_model
+    model=$(shape_model llama-3.2-1b)  # shared by the part's rows
     for knobs in MLX_USE_CUDA_GRAPHS=1 "MLX_MAX_OPS_PER_BUFFER=200 MLX_CUDA_GRAPH_CACHE_SIZE=2000" MLX_USE_CUDA_GRAPHS=0; do
         tag=$(echo "$knobs" | tr ' =' '_-')
-        row "knobs-decode-$tag" env $knobs python3 scripts/bench_decode_steps.py --model /tmp/knobs-1b --max-tokens 128 \
+        row "knobs-decode-$tag" env $knobs python3 scripts/bench_decode_steps.py --model "$model" --max-tokens 128 \
             --repeats 1
         [ -n "${KNOBS_DECODE_ONLY:-}" ] ||
-            row "knobs-step-$tag" env $knobs python3 scripts/profile_mlx_step.py --model /tmp/knobs-1b --only decode,step
+            row "knobs-step-$tag" env $knobs python3 scripts/profile_mlx_step.py --model "$model" --only decode,step
     done
     ;;
 mlx-graphs)  # MLX-CUDA's graphs on (the default) and off (MLX_USE_CUDA_GRAPHS=0, read once per process), on
@@ -109,13 +111,13 @@ mlx-graphs)  # MLX-CUDA's graphs on (the default) and off (MLX_USE_CUDA_GRAPHS=0
     # time holds MLX's kernel compilation (the 2026-12-05 H100 call's graphs-off step ran first, paying
     # it, and past its limit)
     export MACFT_BACKEND=mlx
-    knobs_model
-    LIMIT=150 row graphs-warm-up python3 scripts/profile_mlx_step.py --model /tmp/knobs-1b --only step
+    model=$(shape_model llama-3.2-1b)  # shared by the part's rows
+    LIMIT=150 row graphs-warm-up python3 scripts/profile_mlx_step.py --model "$model" --only step
     for graphs in 1 0; do
         MLX_USE_CUDA_GRAPHS=$graphs LIMIT=120 row "graphs-$graphs-step" python3 scripts/profile_mlx_step.py \
-            --model /tmp/knobs-1b --only step
+            --model "$model" --only step
         MLX_USE_CUDA_GRAPHS=$graphs LIMIT=120 row "graphs-$graphs-grpo" python3 -m macft bench grpo --backend mlx \
-            --model /tmp/knobs-1b --num-prompts 2 --group-size 8 --max-tokens 256
+            --model "$model" --num-prompts 2 --group-size 8 --max-tokens 256
     done
     ;;
 mlx-rl)  # issue 12: DPO step; GRPO rollouts (>= 10,000 tokens/s) eager and compiled (the full step: mlx-grpo-step)
@@ -174,9 +176,7 @@ cuda-bars)  # issue 13's four rows in one call: 1B b4 and 8B b1, bf16 (with HF +
     export MACFT_BACKEND=cuda
     for shape in llama-3.2-1b:4 llama-3.1-8b:1; do
         name=${shape%%:*}
-        model=/tmp/shape-$name
-        [ -f "$model/config.json" ] || python3 -c "from macft.bench_hf import build_shape_dir as b
-b('$name', '$model', tokenizer_dir='$TOKENIZER')"
+        model=$(shape_model "$name")
         sft=(python3 -m macft bench sft --backend cuda --model "$model" --seq-len 2048 --batch-size "${shape##*:}"
              --lora-rank 16 --steps 6 --warmup 3 --grad-checkpoint --offload-checkpoints --unsloth-python python3)
         LIMIT=150 row "cuda-bars-$name-bf16" "${sft[@]}" --json "$OUT/cuda-bars-$name-bf16.json"
@@ -188,9 +188,7 @@ cuda-first-forward)  # issue 13: the fused first forward of checkpointed blocks 
     # time goes (the 8B step waits on its host: 165 ms of kernels in a 283 ms step on an H100)
     export MACFT_BACKEND=cuda
     for shape in llama-3.2-1b:4 llama-3.1-8b:1; do  # each model written once, read by the four rows
-        model=/tmp/shape-${shape%%:*}
-        [ -f "$model/config.json" ] || python3 -c "from macft.bench_hf import build_shape_dir as b
-b('${shape%%:*}', '$model', tokenizer_dir='$TOKENIZER')"
+        model=$(shape_model "${shape%%:*}")
         for fused in 0 1 0 1; do
             LIMIT=90 row "cuda-first-forward-${shape%%:*}-$fused" "${PATCHED[@]}" cuda_bridge.lora FUSED_FIRST_FORWARD \
                 "$fused" bench sft --backend cuda --model "$model" --seq-len 2048 --batch-size "${shape##*:}" \
