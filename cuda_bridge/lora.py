@@ -287,6 +287,15 @@ def product_in(a, b, dtype):
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch >= 2.8
 
 
+def scaled_product(a, b, scale, out=None):
+    """scale (a @ b) for 2-D a and b, the scale applied by the GEMM (alpha) rather than by a pass of
+    its own over the product; into ``out`` when given (a column slice of a wider buffer will do: the
+    GEMM writes it in place, with no concatenation after)."""
+    if out is None:
+        out = a.new_empty(a.shape[0], b.shape[1])
+    return out.addmm_(a, b, beta=0, alpha=scale)
+
+
 def base_output(base, x2):
     """A frozen base layer's output for the rows x2, and the dense weight its backward multiplies
     by where it is worth keeping (else None: ``base_input_grad`` makes it again).

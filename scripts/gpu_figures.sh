@@ -4,9 +4,9 @@
 # kit the part needs (../shared/device/README.md):
 #
 #   source .device/mlx-b/install.sh     && bash scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts
-#   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-bars|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-host|cuda-tests
-#   (cuda-first-forward, cuda-sync and cuda-host need no kit: the host's torch is enough; scripts/one_call_kit.sh packs
-#   the unsloth kit for one call: source .device/unsloth-one/install.sh, no staging call first)
+#   source .device/unsloth-b/install.sh && bash scripts/gpu_figures.sh cuda-bars|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-sync|cuda-host|cuda-ab|cuda-tests
+#   (cuda-first-forward, cuda-sync, cuda-host and cuda-ab need no kit: the host's torch is enough;
+#   scripts/one_call_kit.sh packs the unsloth kit for one call: source .device/unsloth-one/install.sh, no staging call first)
 #
 # mlx-*: the MLX core on MLX's CUDA backend beside mlx-lm-lora 5.10.2 (issue 12's rows);
 # cuda-*: cuda_bridge beside Unsloth (issue 13's rows) and the GPU tests. Every row is one
@@ -18,7 +18,7 @@
 # BUNDLE=1 packs $OUT's files into one $OUT/<part>.tgz at the end (the device returns 8 files a call).
 set -uo pipefail
 
-PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-bars|cuda-first-forward|cuda-sync|cuda-host|cuda-tests"}
+PART=${1:?"usage: scripts/gpu_figures.sh mlx-profile|mlx-sft|mlx-head-chunk|mlx-levers|mlx-knobs|mlx-graphs|mlx-rl|mlx-grpo-step|mlx-grpo-parts|cuda-1b|cuda-8b|cuda-8b-4bit|cuda-bars|cuda-first-forward|cuda-sync|cuda-host|cuda-ab|cuda-tests"}
 OUT=${OUT:-gpu-figures}
 TOKENIZER=${TOKENIZER:-.device/tok}
 mkdir -p "$OUT"
@@ -211,6 +211,19 @@ cuda-sync)  # issue 13: why the bridge's 4-bit step idles the GPU (its kernels t
     done
     # the device-to-device copies (23 ms of a 158 ms bf16 step on the H200), by call site
     LIMIT=120 row cuda-copies-bf16 python3 scripts/profile_cuda_step.py --tokenizer "$TOKENIZER" --copies --rows 40
+    ;;
+cuda-ab)  # what a change buys on one host: this tree against the one in $BASE (default .device/base, made with
+    # `git archive COMMIT algorithms convert cuda_bridge macft scripts | tar -x -C .device/base`), 1B b4 bf16,
+    # macft alone, alternating (no kit needed); the same first loss and gradient norms say the change kept the math
+    export MACFT_BACKEND=cuda
+    model=$(shape_model llama-3.2-1b)
+    base=$(cd "${BASE:-.device/base}" && pwd)
+    sft=(-m macft bench sft --backend cuda --model "$model" --seq-len 2048 --batch-size 4 --lora-rank 16 --steps 20
+         --warmup 3 --grad-checkpoint --offload-checkpoints --no-hf-peer)
+    for round in 1 2; do
+        LIMIT=90 row "cuda-ab-base-$round" env PYTHONPATH="$base:$PYTHONPATH" python3 -P "${sft[@]}"
+        LIMIT=90 row "cuda-ab-this-$round" python3 "${sft[@]}"
+    done
     ;;
 cuda-host)  # issue 13: the host's time, where a step's Python goes, and checkpointing's share (no kit needed)
     export MACFT_BACKEND=cuda

@@ -13,7 +13,7 @@ cast of their gradients back, as a node of its own. Here the A_i sit side by sid
 A = [A_1 | ... | A_n] (in, r_1 + ... + r_n), and the backward adds into one buffer:
 
     xA  = x A                                                one GEMM for the n projections
-    dxA = [s_1 dy_1 B_1^T | ... | s_n dy_n B_n^T]
+    dxA = [s_1 dy_1 B_1^T | ... | s_n dy_n B_n^T]            n GEMMs (alpha = s_i) into one buffer
     dx  = dy_1 W_1 + ... + dy_n W_n + dxA A^T                GEMMs adding into dx (beta = 1)
     dA  = x^T dxA,   dB_i = s_i (x A_i)^T dy_i
 
@@ -31,7 +31,8 @@ what the module would: a frozen base; no dropout, DoRA or disabled adapter).
 
 import torch
 
-from cuda_bridge.lora import add_adapter, base_input_grad, base_output, in_dtype, joined_columns, product_in
+from cuda_bridge.lora import (add_adapter, base_input_grad, base_output, in_dtype, joined_columns, product_in,
+                              scaled_product)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -66,8 +67,9 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = base_input_grad(ctx.bases[0], grads[0], dense=dense[0])
         for base, grad, weight in zip(ctx.bases[1:], grads[1:], dense[1:]):
             base_input_grad(base, grad, into=dx, dense=weight)
-        d_xa_parts = [(grad @ b.t()).mul_(scale) for grad, b, scale in zip(grads, bs, ctx.scales)]
-        d_xa = d_xa_parts[0] if len(d_xa_parts) == 1 else torch.cat(d_xa_parts, dim=1)
+        d_xa = grads[0].new_empty(grads[0].shape[0], sum(ctx.ranks))
+        for part, grad, b, scale in zip(d_xa.split(ctx.ranks, dim=1), grads, bs, ctx.scales):
+            scaled_product(grad, b.t(), scale, out=part)
         dx.addmm_(d_xa, a_joined.t())
         grad_a = product_in(x2.t(), d_xa, ctx.grad_dtype)
         grad_as = (grad_a,) if len(ctx.ranks) == 1 else grad_a.split(ctx.ranks, dim=1)

@@ -36,7 +36,8 @@ import torch
 
 from cuda_bridge.kernels.dispatch import use_triton
 from cuda_bridge.kernels.swiglu import _GELU_TANH, _SILU, _SQRT_2_OVER_PI
-from cuda_bridge.lora import add_adapter, base_input_grad, base_output, fusable, in_dtype, product_in, training_pass
+from cuda_bridge.lora import (add_adapter, base_input_grad, base_output, fusable, in_dtype, product_in,
+                              scaled_product, training_pass)
 
 try:  # Triton is optional: without it the module-by-module MLP runs.
     import triton
@@ -91,7 +92,7 @@ def _adapter_grads(a, b, scale, x, xa, grad, dx, grad_dtype):
     and x's gradient through the adapter added into dx."""
     if a is None:
         return None, None
-    d_xa = (grad @ b.t()).mul_(scale)
+    d_xa = scaled_product(grad, b.t(), scale)
     grad_b = product_in(xa.t(), grad, grad_dtype).mul_(scale)
     grad_a = product_in(x.t(), d_xa, grad_dtype)
     dx.addmm_(d_xa, a.t())
@@ -140,7 +141,7 @@ class LoRAMLPFunction(torch.autograd.Function):
 
         dh = base_input_grad(down_base, dy, dense=w_down)
         if a_down is not None:  # the adapter's share of dh, before the buffer turns into h
-            d_ha = (dy @ b_down.t()).mul_(s_down)
+            d_ha = scaled_product(dy, b_down.t(), s_down)
             dh.addmm_(d_ha, a_down.t())
         _glu_backward_in_place(dh, gate, up, ctx.act)
         h, d_gate, d_up = dh, gate, up
