@@ -28,6 +28,8 @@ MLX_LM_LORA = HERE / "mlx_lm_lora"
 DATA = HERE / "data"
 TIMEOUT_S = 300
 
+pytestmark = pytest.mark.slow
+
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
