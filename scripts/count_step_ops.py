@@ -5,9 +5,10 @@ is where to look for the calls to cut.
 
     python scripts/count_step_ops.py [--model-shape llama-3.2-1b-narrow] [--ops zeros_like,zero_,_to_copy]
 
-On a GPU the step takes the Triton paths; on a CPU set TRITON_INTERPRET=1 for the same Python
-paths (the interpreter's own ops are left out: only frames of this repository, torch's autograd
-and optimizers, and transformers name a caller). Prints the top ops, then each chosen op's callers.
+On a GPU the step takes the Triton paths; on a CPU set TRITON_INTERPRET=1 (and MACFT_BACKEND=cuda)
+for the same Python paths: the ops Triton's interpreter dispatches while it runs a kernel are left
+out, and only frames of this repository, torch's autograd and optimizers, and transformers name a
+caller. Prints the top ops, then each chosen op's callers.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import traceback
 from pathlib import Path
 
 OURS = ("/cuda_bridge/", "/macft/", "/transformers/", "/torch/autograd/", "/torch/optim/")
+INTERPRETER = "/triton/runtime/interpreter"
 
 
 def main():
@@ -46,10 +48,13 @@ def main():
             self.ops, self.callers = collections.Counter(), collections.Counter()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            stack = traceback.extract_stack()[:-1]
+            if any(INTERPRETER in f.filename for f in stack):  # Triton's interpreter at work: a GPU has none of it
+                return func(*args, **(kwargs or {}))
             name = func.__name__.split(".")[0]
             self.ops[name] += 1
             if name in watched:
-                frames = [f for f in traceback.extract_stack()[:-1] if any(part in f.filename for part in OURS)]
+                frames = [f for f in stack if any(part in f.filename for part in OURS)]
                 where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-3:]))
                 self.callers[(name, where)] += 1
             return func(*args, **(kwargs or {}))

@@ -55,9 +55,10 @@ _DEFAULT_BLAS_THREADS = None
 def blas_threads_for_the_backend(request):
     """One OpenBLAS thread while a bridge (torch) test runs, as cuda_bridge asks for in a torch-only
     process (macft.openblas: OpenBLAS's threads and torch's contend, ~50x slower attention); the
-    default for everything else, where MLX's matmuls use every core. The thread count changes
-    OpenBLAS's rounding on some CPUs (AMD EPYC), so a bridge run in-process (a ``[cuda]`` case) gets
-    the one thread its subprocesses get, for their results to be compared bit for bit."""
+    default for everything else, where MLX's matmuls use every core the worker has (see the top).
+    The thread count changes OpenBLAS's rounding on some CPUs (AMD EPYC), so a bridge run in-process
+    (a ``[cuda]`` case) gets the one thread its subprocesses get, for their results to be compared
+    bit for bit."""
     global _DEFAULT_BLAS_THREADS
     from macft.openblas import set_openblas_threads
 
