@@ -56,6 +56,9 @@ def main():
             if name in watched:
                 frames = [f for f in stack if any(part in f.filename for part in OURS)]
                 where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-3:]))
+                node = torch._C._current_autograd_node()  # in the backward: the node whose backward this is
+                if node is not None:
+                    where = f"[{node.name()}] {where}"
                 self.callers[(name, where)] += 1
             return func(*args, **(kwargs or {}))
 

@@ -22,7 +22,7 @@ def sft_run(tmp_path_factory):
     model = default_model_dir("mlx-4bit")
     out = tmp_path_factory.mktemp("smollm2-sft") / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "macft.sft", "--model", str(model), "--data", str(EXAMPLES), "--iters", "30",
+        [sys.executable, "-m", "macft.sft", "--model", str(model), "--data", str(EXAMPLES), "--iters", "20",
          "--batch-size", "4", "--learning-rate", "2e-4", "--steps-per-eval", "10", "--val-batches", "-1",
          "--max-seq-length", "256", "--adapter-path", str(out)],
         capture_output=True, text=True, timeout=1200, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -34,8 +34,9 @@ def test_sft_lowers_the_validation_loss(sft_run):
     _, out = sft_run
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
-    # before the first step (mlx-lm-lora reports the validation loss before training), then 10, 20, 30
-    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 10, 20, 30]
+    # before the first step (mlx-lm-lora reports the validation loss before training), then 10, 20 (the
+    # README's demo runs 30; measured: 1.27 before, 0.09 after 10 steps)
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [0, 10, 20]
     train = [m for m in metrics if "loss" in m]
     assert all(m["grad_norm"] > 0 for m in train)
     assert evals[-1] < evals[0] - 0.05, evals
